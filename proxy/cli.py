@@ -1,0 +1,156 @@
+"""The ``sluice`` command: exit 0 on success, 2 on bad usage or an invalid config."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from proxy.config import Config, ConfigError, default_config_path, load_config, parse_host_port
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _host_port(value: str) -> str:
+    try:
+        parse_host_port(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sluice",
+        description="An enforcing gateway between AI coding agents and the services they reach.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def config_option(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument(
+            "-c",
+            "--config",
+            type=Path,
+            metavar="CONFIG",
+            help="config file (default: ./sluice.toml, else the bundled sample)",
+        )
+
+    proxy = commands.add_parser(
+        "proxy",
+        help="run the proxy headless",
+        description="Run the proxy headless until SIGTERM or SIGINT, "
+        "then drain in-flight requests and exit 0.",
+    )
+    config_option(proxy)
+    proxy.add_argument(
+        "--listen",
+        type=_host_port,
+        metavar="HOST:PORT",
+        help="where agents connect (overrides proxy.listen)",
+    )
+    proxy.add_argument(
+        "--admin-listen",
+        type=_host_port,
+        metavar="HOST:PORT",
+        help="where consoles connect (overrides proxy.admin_listen)",
+    )
+    proxy.add_argument(
+        "--state-dir",
+        type=Path,
+        metavar="DIR",
+        help="admin token, keys, recordings (overrides proxy.state_dir)",
+    )
+
+    check = commands.add_parser(
+        "check-config",
+        help="validate a config file",
+        description="Validate a config and print each error with its file and line.",
+    )
+    config_option(check)
+
+    demo = commands.add_parser(
+        "demo",
+        help="run the bundled demo",
+        description="Start demo upstreams, a proxy and a scripted agent, "
+        "and show each decision as it happens.",
+    )
+    config_option(demo)
+    demo.add_argument(
+        "--pause",
+        type=float,
+        default=0.6,
+        metavar="SECONDS",
+        help="pause between the agent's steps (default 0.6)",
+    )
+    return parser
+
+
+def _load(path: Path | None) -> Config:
+    return load_config(path or default_config_path())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="sluice %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        config = _load(args.config)
+    except ConfigError as exc:
+        print(f"invalid config:\n{exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.command == "check-config":
+        print(
+            f"{config.path}: ok ({len(config.targets)} targets, {len(config.policy.rules)} rules)"
+        )
+        return EXIT_OK
+    if args.command == "proxy":
+        return _run_proxy(config, args)
+    if args.command == "demo":
+        from proxy.demo.runner import run_demo
+
+        return asyncio.run(run_demo(config, pause=args.pause))
+    return EXIT_USAGE
+
+
+def _run_proxy(config: Config, args: argparse.Namespace) -> int:
+    from proxy.server.runtime import Overrides, ProxyRuntime
+
+    overrides = Overrides(args.listen, args.admin_listen, args.state_dir)
+
+    async def serve() -> int:
+        runtime = ProxyRuntime(config, overrides)
+        try:
+            await runtime.start()
+        except OSError as exc:
+            print(f"sluice: {exc}", file=sys.stderr)
+            await runtime.stop()
+            return EXIT_FAILED
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        print(f"sluice proxy listening on {runtime.main_url}", flush=True)
+        for listener in runtime.listeners[1:]:
+            print(f"  target {listener.name} also on {listener.url}", flush=True)
+        for name, target in config.targets.items():
+            print(f"  {runtime.main_url}/{name}/ -> {target.upstream}", flush=True)
+        print(
+            f"admin API on {runtime.admin_url} (token in {runtime.state_dir / 'admin.token'})",
+            flush=True,
+        )
+        await stop.wait()
+        print("sluice proxy stopping: draining in-flight requests", flush=True)
+        await runtime.stop()
+        print("sluice proxy stopped", flush=True)
+        return EXIT_OK
+
+    return asyncio.run(serve())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

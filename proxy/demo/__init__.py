@@ -1,0 +1,1 @@
+"""Scripted demo pieces: a sample repo, stand-in upstream services and a scripted agent."""

@@ -1,0 +1,71 @@
+"""Header hygiene between agent and upstream: what must never cross the proxy."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+#: RFC 9110 7.6.1 connection-specific fields, plus the legacy ones every proxy drops.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "proxy-connection",
+        "keep-alive",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-authenticate",
+        "proxy-authorization",
+    }
+)
+#: Forwarding headers a client could forge to lie about its origin.
+CLIENT_FORGEABLE_PREFIXES = ("x-forwarded-", "x-sluice-")
+CLIENT_FORGEABLE = frozenset({"forwarded", "x-real-ip"})
+#: Framing is recomputed by whoever writes the next hop's message.
+FRAMING = frozenset({"content-length", "host"})
+
+Pairs = Iterable[tuple[str, str]]
+
+
+def connection_tokens(pairs: Pairs) -> frozenset[str]:
+    """Header names a sender listed in ``Connection``: also hop-by-hop for this message."""
+    tokens = set()
+    for name, value in pairs:
+        if name.lower() == "connection":
+            tokens.update(token.strip().lower() for token in value.split(",") if token.strip())
+    return frozenset(tokens)
+
+
+def request_headers_for_upstream(pairs: Pairs) -> list[tuple[str, str]]:
+    """Drop hop-by-hop, framing and forgeable forwarding headers from an agent's request."""
+    pairs = list(pairs)
+    drop = HOP_BY_HOP | connection_tokens(pairs) | FRAMING | CLIENT_FORGEABLE
+    return [
+        (name, value)
+        for name, value in pairs
+        if (lowered := name.lower()) not in drop
+        and not lowered.startswith(CLIENT_FORGEABLE_PREFIXES)
+    ]
+
+
+def response_headers_for_agent(pairs: Pairs) -> list[tuple[str, str]]:
+    """Drop hop-by-hop headers and any upstream attempt to speak as Sluice."""
+    pairs = list(pairs)
+    drop = HOP_BY_HOP | connection_tokens(pairs) | {"content-length"}
+    return [
+        (name, value)
+        for name, value in pairs
+        if (lowered := name.lower()) not in drop and not lowered.startswith("x-sluice-")
+    ]
+
+
+def forwarded_headers(
+    *, client_ip: str, host: str, scheme: str, request_id: str
+) -> list[tuple[str, str]]:
+    """What Sluice itself tells the upstream about the original request."""
+    return [
+        ("X-Forwarded-For", client_ip),
+        ("X-Forwarded-Host", host),
+        ("X-Forwarded-Proto", scheme),
+        ("X-Sluice-Request-Id", request_id),
+    ]

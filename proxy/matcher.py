@@ -1,0 +1,364 @@
+"""The one matcher language: policy rules (TOML tables) and console filters (typed text).
+
+A matcher is a conjunction of field predicates over ``Facts``. Policy rules and console
+filter expressions compile through the same field table, so ``path = "**/.env"`` in a rule
+and ``path:**/.env`` in the filter bar mean exactly the same thing.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+from wcmatch import fnmatch, glob
+
+PATH_FLAGS = glob.GLOBSTAR | glob.DOTGLOB
+NAME_FLAGS = fnmatch.DOTMATCH
+NOCASE_FLAGS = fnmatch.DOTMATCH | fnmatch.IGNORECASE
+
+#: Fields only known once a response exists: console filters may use them, policy may not.
+FLOW_ONLY_FIELDS = frozenset({"status", "decision", "rule"})
+FIELDS = (
+    frozenset(
+        {
+            "method",
+            "target",
+            "path",
+            "host",
+            "query",
+            "header",
+            "subject",
+            "groups",
+            "content_type",
+            "body",
+        }
+    )
+    | FLOW_ONLY_FIELDS
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Facts:
+    """What a matcher can see of a request (and, for console filters, of its outcome)."""
+
+    method: str = ""
+    target: str | None = None
+    path: str = "/"
+    query: str = ""
+    host: str = ""
+    headers: Mapping[str, str] = field(default_factory=dict)
+    subject: str | None = None
+    groups: tuple[str, ...] = ()
+    content_type: str = ""
+    body: bytes | None = None
+    status: int | None = None
+    decision: str | None = None
+    rule: str | None = None
+
+
+class MatcherError(ValueError):
+    """A field that cannot be compiled; ``field`` names it and ``position`` locates filter text."""
+
+    def __init__(self, field_name: str, message: str, position: int | None = None) -> None:
+        super().__init__(f"{field_name}: {message}" if field_name else message)
+        self.field = field_name
+        self.message = message
+        self.position = position
+
+
+class BodyNotLoaded(Exception):
+    """Raised when a body predicate is asked before the body was read."""
+
+
+Predicate = Callable[[Facts], bool]
+
+
+@dataclass(frozen=True, slots=True)
+class Matcher:
+    """All predicates must hold; an empty matcher matches everything."""
+
+    predicates: tuple[Predicate, ...] = ()
+    body_pattern: re.Pattern[bytes] | None = None
+    body_negated: bool = False
+    fields: tuple[str, ...] = ()
+
+    @property
+    def needs_body(self) -> bool:
+        return self.body_pattern is not None
+
+    def matches_head(self, facts: Facts) -> bool:
+        """Everything but the body: decides whether reading the body is worth it."""
+        return all(predicate(facts) for predicate in self.predicates)
+
+    def matches(self, facts: Facts) -> bool:
+        if not self.matches_head(facts):
+            return False
+        if self.body_pattern is None:
+            return True
+        if facts.body is None:
+            raise BodyNotLoaded
+        return (self.body_pattern.search(facts.body) is not None) != self.body_negated
+
+
+def _as_list(field_name: str, value: object) -> list[str]:
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, list) or not values:
+        raise MatcherError(field_name, "expected a string or a non-empty list of strings")
+    for item in values:
+        if not isinstance(item, str) or not item.strip():
+            raise MatcherError(field_name, f"expected non-empty strings, got {item!r}")
+        if "\x00" in item:
+            raise MatcherError(field_name, "NUL characters are not allowed")
+    return values
+
+
+def _check_brackets(field_name: str, pattern: str) -> None:
+    depth = 0
+    for char in pattern:
+        if char == "[":
+            depth += 1
+        elif char == "]" and depth:
+            depth -= 1
+    if depth:
+        raise MatcherError(field_name, f"unclosed '[' in glob {pattern!r}")
+
+
+def compile_path_globs(field_name: str, value: object) -> re.Pattern[str]:
+    """Path globs: ``*`` stays within a segment, ``**`` spans segments, leading ``/`` implied."""
+    patterns = []
+    for pattern in _as_list(field_name, value):
+        _check_brackets(field_name, pattern)
+        if not pattern.startswith(("/", "**")):
+            pattern = "/" + pattern
+        patterns.extend(glob.translate(pattern, flags=PATH_FLAGS)[0])
+    return re.compile("|".join(patterns))
+
+
+def compile_name_globs(field_name: str, value: object, *, nocase: bool) -> re.Pattern[str]:
+    patterns = []
+    for pattern in _as_list(field_name, value):
+        _check_brackets(field_name, pattern)
+        patterns.extend(fnmatch.translate(pattern, flags=NOCASE_FLAGS if nocase else NAME_FLAGS)[0])
+    return re.compile("|".join(patterns))
+
+
+_STATUS_RANGE = re.compile(r"^(\d)xx$", re.IGNORECASE)
+_STATUS_CMP = re.compile(r"^(>=|<=|>|<|=)?\s*(\d{3})$")
+_STATUS_SPAN = re.compile(r"^(\d{3})-(\d{3})$")
+_COMPARE: dict[str, Callable[[int, int], bool]] = {
+    ">=": lambda a, b: a >= b,
+    "<=": lambda a, b: a <= b,
+    ">": lambda a, b: a > b,
+    "<": lambda a, b: a < b,
+    "=": lambda a, b: a == b,
+}
+
+
+def _status_test(text: str) -> Callable[[int], bool]:
+    text = text.strip()
+    if match := _STATUS_RANGE.match(text):
+        hundred = int(match.group(1))
+        return lambda status: status // 100 == hundred
+    if match := _STATUS_SPAN.match(text):
+        low, high = int(match.group(1)), int(match.group(2))
+        return lambda status: low <= status <= high
+    if match := _STATUS_CMP.match(text):
+        compare, code = _COMPARE[match.group(1) or "="], int(match.group(2))
+        return lambda status: compare(status, code)
+    raise MatcherError("status", f"expected 403, 4xx, >=400 or 400-499, got {text!r}")
+
+
+def _status_predicate(value: object) -> Predicate:
+    items = [str(value)] if isinstance(value, int) and not isinstance(value, bool) else None
+    tests = [_status_test(item) for item in (items or _as_list("status", value))]
+    return lambda facts: facts.status is not None and any(test(facts.status) for test in tests)
+
+
+def _query_predicate(value: object) -> Predicate:
+    if isinstance(value, Mapping):
+        checks: list[tuple[str, re.Pattern[str]]] = []
+        for name, wanted in value.items():
+            checks.append((str(name), compile_name_globs(f"query.{name}", wanted, nocase=False)))
+
+        def match_params(facts: Facts) -> bool:
+            params = _parse_query(facts.query)
+            return all(
+                any(pattern.fullmatch(item) for item in params.get(name, ()))
+                for name, pattern in checks
+            )
+
+        return match_params
+    pattern = compile_name_globs("query", value, nocase=False)
+    return lambda facts: pattern.fullmatch(facts.query) is not None
+
+
+def _parse_query(query: str) -> dict[str, list[str]]:
+    from urllib.parse import parse_qsl
+
+    params: dict[str, list[str]] = {}
+    for name, item in parse_qsl(query, keep_blank_values=True):
+        params.setdefault(name, []).append(item)
+    return params
+
+
+def _header_predicate(value: object) -> Predicate:
+    if not isinstance(value, Mapping) or not value:
+        raise MatcherError("header", 'expected a table such as header.x-api-version = "2*"')
+    checks = [
+        (str(name).lower(), compile_name_globs(f"header.{name}", wanted, nocase=False))
+        for name, wanted in value.items()
+    ]
+
+    def match_headers(facts: Facts) -> bool:
+        for name, pattern in checks:
+            present = facts.headers.get(name)
+            if present is None or pattern.fullmatch(present) is None:
+                return False
+        return True
+
+    return match_headers
+
+
+def _field_predicate(name: str, value: object) -> Predicate:
+    """The field table shared by rules and filters."""
+    if name == "method":
+        methods = frozenset(item.upper() for item in _as_list(name, value))
+        return lambda facts: facts.method.upper() in methods
+    if name == "target":
+        pattern = compile_name_globs(name, value, nocase=False)
+        return lambda facts: (
+            facts.target is not None and pattern.fullmatch(facts.target) is not None
+        )
+    if name == "path":
+        pattern = compile_path_globs(name, value)
+        return lambda facts: pattern.fullmatch(facts.path) is not None
+    if name == "host":
+        pattern = compile_name_globs(name, value, nocase=True)
+        return lambda facts: pattern.fullmatch(_strip_port(facts.host)) is not None
+    if name == "subject":
+        pattern = compile_name_globs(name, value, nocase=False)
+        return lambda facts: (
+            facts.subject is not None and pattern.fullmatch(facts.subject) is not None
+        )
+    if name == "groups":
+        wanted = frozenset(_as_list(name, value))
+        return lambda facts: not wanted.isdisjoint(facts.groups)
+    if name == "content_type":
+        pattern = compile_name_globs(name, value, nocase=True)
+        return lambda facts: pattern.fullmatch(_media_type(facts.content_type)) is not None
+    if name == "decision":
+        wanted = frozenset(item.lower() for item in _as_list(name, value))
+        return lambda facts: facts.decision is not None and facts.decision.lower() in wanted
+    if name == "rule":
+        pattern = compile_name_globs(name, value, nocase=False)
+        return lambda facts: facts.rule is not None and pattern.fullmatch(facts.rule) is not None
+    if name == "status":
+        return _status_predicate(value)
+    if name == "query":
+        return _query_predicate(value)
+    if name == "header":
+        return _header_predicate(value)
+    raise MatcherError(name, f"unknown field {name!r}; known fields: {', '.join(sorted(FIELDS))}")
+
+
+def _strip_port(host: str) -> str:
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def _media_type(content_type: str) -> str:
+    return content_type.split(";", 1)[0].strip().lower()
+
+
+def compile_body(value: object) -> re.Pattern[bytes]:
+    if not isinstance(value, str) or not value:
+        raise MatcherError("body", "expected a regular expression string")
+    try:
+        return re.compile(value.encode())
+    except re.error as exc:
+        raise MatcherError("body", f"invalid regular expression: {exc}") from None
+
+
+def compile_matcher(spec: Mapping[str, object], *, for_policy: bool = True) -> Matcher:
+    """Compile a rule's matcher fields; ``for_policy`` refuses fields known only afterwards."""
+    predicates: list[Predicate] = []
+    body: re.Pattern[bytes] | None = None
+    for name, value in spec.items():
+        if for_policy and name in FLOW_ONLY_FIELDS:
+            raise MatcherError(name, "is only known after the response; rules cannot match on it")
+        if name == "body":
+            body = compile_body(value)
+        else:
+            predicates.append(_field_predicate(name, value))
+    return Matcher(tuple(predicates), body, False, tuple(spec))
+
+
+def parse_filter(text: str) -> Matcher:
+    """Parse console filter text: ``method:POST path:/api/** !decision:allowed status:>=400``.
+
+    Values separated by commas are alternatives; a leading ``!`` negates a term; a bare word
+    matches paths containing it. Errors carry the offending term's position for inline display.
+    """
+    try:
+        tokens = shlex.split(text)
+    except ValueError as exc:
+        raise MatcherError("", f"unbalanced quotes ({exc})", 0) from None
+    predicates: list[Predicate] = []
+    body: re.Pattern[bytes] | None = None
+    negated_body = False
+    names: list[str] = []
+    for token in tokens:
+        position = max(text.find(token), 0)
+        negate = token.startswith("!")
+        term = token[1:] if negate else token
+        name, sep, raw = _split_term(term)
+        if not sep:
+            name, raw = "path", f"**/*{_escape_glob(term)}*"
+            raw_values: object = raw
+        else:
+            raw_values = raw.split(",") if name not in ("body", "query", "header") else raw
+        try:
+            if name == "body":
+                body, negated_body = compile_body(raw_values), negate
+                names.append(name)
+                continue
+            if name.startswith("header."):
+                predicate = _field_predicate("header", {name[7:]: raw_values})
+            elif name.startswith("query."):
+                predicate = _field_predicate("query", {name[6:]: raw_values})
+            else:
+                predicate = _field_predicate(name, raw_values)
+        except MatcherError as exc:
+            raise MatcherError(exc.field, exc.message, position) from None
+        predicates.append(_negate(predicate) if negate else predicate)
+        names.append(name)
+    return Matcher(tuple(predicates), body, negated_body, tuple(names))
+
+
+def _split_term(term: str) -> tuple[str, str, str]:
+    for index, char in enumerate(term):
+        if char in ":=":
+            return term[:index].lower(), char, term[index + 1 :]
+        if not (char.isalnum() or char in "._-"):
+            break
+    return term, "", ""
+
+
+def _escape_glob(text: str) -> str:
+    return re.sub(r"([*?\[\]])", r"[\1]", text)
+
+
+def _negate(predicate: Predicate) -> Predicate:
+    return lambda facts: not predicate(facts)
+
+
+def headers_for_facts(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """Lower-case names, repeated headers joined the way HTTP folds them."""
+    merged: dict[str, str] = {}
+    for name, value in pairs:
+        key = name.lower()
+        merged[key] = f"{merged[key]}, {value}" if key in merged else value
+    return merged

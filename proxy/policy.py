@@ -1,0 +1,128 @@
+"""Ordered allow/deny/approve rules; first match wins and no match means deny.
+
+Evaluation is pure: the server hands in ``Facts`` and gets a ``Decision`` back, or
+``NEEDS_BODY`` when a body rule could decide and the body has not been read yet.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Final
+
+from proxy.matcher import BodyNotLoaded, Facts, Matcher, MatcherError, compile_matcher
+
+log = logging.getLogger("sluice.policy")
+
+RULE_META_KEYS = frozenset({"name", "action", "reason"})
+DEFAULT_DENY_REASON = "no rule allows this request (default deny)"
+
+
+class Action(StrEnum):
+    ALLOW = "allow"
+    DENY = "deny"
+    APPROVE = "approve"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    action: Action
+    rule: str | None
+    reason: str
+    #: A stable machine-readable code for agents: "denied", "policy_error", "body_too_large", ...
+    code: str = "denied"
+
+    @property
+    def allowed(self) -> bool:
+        return self.action is Action.ALLOW
+
+
+class _NeedsBody:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NEEDS_BODY"
+
+
+NEEDS_BODY: Final = _NeedsBody()
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    name: str
+    action: Action
+    reason: str
+    matcher: Matcher
+
+
+class PolicyError(ValueError):
+    """A rule that cannot compile; ``index`` and ``field`` locate it in the config."""
+
+    def __init__(self, index: int, field_name: str, message: str) -> None:
+        super().__init__(message)
+        self.index = index
+        self.field = field_name
+        self.message = message
+
+
+def compile_rule(index: int, table: Mapping[str, object]) -> Rule:
+    try:
+        action = Action(str(table.get("action", "")))
+    except ValueError:
+        raise PolicyError(index, "action", "action must be one of allow, deny, approve") from None
+    spec = {key: value for key, value in table.items() if key not in RULE_META_KEYS}
+    try:
+        matcher = compile_matcher(spec, for_policy=True)
+    except MatcherError as exc:
+        raise PolicyError(index, exc.field, exc.message) from None
+    reason = str(table.get("reason") or f"rule {table.get('name')!s} ({action.value})")
+    return Rule(str(table["name"]), action, reason, matcher)
+
+
+class Policy:
+    """An immutable, compiled rule list; a reload builds a new one and swaps it in."""
+
+    def __init__(self, rules: Sequence[Rule], *, max_body_inspect: int = 1 << 20) -> None:
+        self.rules = tuple(rules)
+        self.max_body_inspect = max_body_inspect
+        self.reads_bodies = any(rule.matcher.needs_body for rule in self.rules)
+
+    @classmethod
+    def from_tables(cls, tables: Sequence[Mapping[str, object]], **kwargs: int) -> Policy:
+        return cls([compile_rule(index, table) for index, table in enumerate(tables)], **kwargs)
+
+    def evaluate(self, facts: Facts) -> Decision | _NeedsBody:
+        """Walk the rules in order. Any error while matching denies, naming the rule."""
+        for rule in self.rules:
+            try:
+                if rule.matcher.matches(facts):
+                    return Decision(rule.action, rule.name, rule.reason, _code(rule.action))
+            except BodyNotLoaded:
+                return NEEDS_BODY
+            except Exception as exc:  # a matcher must never let a request through by failing
+                log.warning("rule %s failed to evaluate: %s", rule.name, type(exc).__name__)
+                return Decision(
+                    Action.DENY, rule.name, f"policy error in rule {rule.name}", "policy_error"
+                )
+        return Decision(Action.DENY, None, DEFAULT_DENY_REASON, "denied")
+
+    def body_too_large(self, facts: Facts) -> Decision:
+        """A body rule could apply but the body exceeds what we inspect: deny, never guess."""
+        for rule in self.rules:
+            if rule.matcher.needs_body and rule.matcher.matches_head(facts):
+                return Decision(
+                    Action.DENY,
+                    rule.name,
+                    f"request body exceeds {self.max_body_inspect} bytes, too large for "
+                    f"body rule {rule.name}",
+                    "body_too_large",
+                )
+        return Decision(Action.DENY, None, "request body too large to inspect", "body_too_large")
+
+
+def _code(action: Action) -> str:
+    return {Action.ALLOW: "allowed", Action.DENY: "denied", Action.APPROVE: "approval_required"}[
+        action
+    ]

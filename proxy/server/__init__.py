@@ -1,0 +1,1 @@
+"""The aiohttp layer: a thin shell over the plain-Python domain modules."""

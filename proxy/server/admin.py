@@ -1,0 +1,164 @@
+"""The admin listener: health, the event stream, recent flows and metrics for consoles.
+
+Every endpoint requires the admin bearer token; a wrong or missing token learns nothing
+but 401.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+
+from proxy import __version__
+from proxy.events import Event, EventBus
+from proxy.flows import FlowTable
+from proxy.metrics import CONTENT_TYPE, ProxyMetrics
+from proxy.reload import ConfigHolder
+from proxy.server.guard import error_response
+from proxy.state import tokens_equal
+
+HEARTBEAT_SECONDS = 15.0
+
+
+class AdminApi:
+    def __init__(
+        self,
+        *,
+        token: str,
+        holder: ConfigHolder,
+        bus: EventBus,
+        flows: FlowTable,
+        metrics: ProxyMetrics,
+        status: Callable[[], dict[str, Any]],
+    ) -> None:
+        self.token = token
+        self.holder = holder
+        self.bus = bus
+        self.flows = flows
+        self.metrics = metrics
+        self.status = status
+        self.closing = asyncio.Event()
+        self.started = time.time()
+
+    def make_app(self) -> web.Application:
+        app = web.Application(middlewares=[self._require_token], client_max_size=64 * 1024)
+        app.router.add_get("/api/health", self.health)
+        app.router.add_get("/api/events", self.events)
+        app.router.add_get("/api/flows", self.recent_flows)
+        app.router.add_get("/metrics", self.render_metrics)
+        return app
+
+    @web.middleware
+    async def _require_token(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not given or not tokens_equal(given.strip(), self.token):
+            response = error_response(401, "unauthorized", "a valid admin token is required")
+            response.headers["WWW-Authenticate"] = 'Bearer realm="sluice-admin"'
+            return response
+        return await handler(request)
+
+    async def health(self, _request: web.Request) -> web.Response:
+        config = self.holder.current
+        body = {
+            "status": "ok",
+            "version": __version__,
+            "uptime_s": round(time.time() - self.started, 1),
+            "identity": config.identity.mode,
+            "config": {
+                "path": str(config.path),
+                "digest": config.digest,
+                "reloads": self.holder.reloads,
+                "last_error": self.holder.last_error,
+            },
+            "flows": len(self.flows),
+            "last_seq": self.bus.last_seq,
+            **self.status(),
+        }
+        return web.json_response(body)
+
+    async def recent_flows(self, request: web.Request) -> web.Response:
+        try:
+            limit = int(request.query.get("limit", "100"))
+        except ValueError:
+            return error_response(400, "bad_request", "limit must be an integer")
+        return web.json_response({"flows": self.flows.recent(max(0, min(limit, 100_000)))})
+
+    async def render_metrics(self, _request: web.Request) -> web.Response:
+        response = web.Response(body=self.metrics.render())
+        response.headers["Content-Type"] = CONTENT_TYPE
+        return response
+
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        """Server-Sent Events; ``?since=N`` (or Last-Event-ID) replays what the bus holds."""
+        since_text = request.query.get("since") or request.headers.get("Last-Event-ID")
+        try:
+            since = int(since_text) if since_text is not None else None
+        except ValueError:
+            return error_response(400, "bad_request", "since must be an integer seq")
+        subscription = self.bus.subscribe()  # subscribe before replay so nothing falls between
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-store",
+                "X-Accel-Buffering": "no",
+            }
+        )
+        try:
+            await response.prepare(request)
+            last = self.bus.last_seq
+            if since is not None:
+                replay, gap = self.bus.since(since)
+                if gap:
+                    await response.write(_sse("stream.gap", {"since": since, "seq": None}))
+                for event in replay:
+                    await response.write(_sse_event(event))
+                last = replay[-1].seq if replay else since
+            await response.write(_sse("stream.ready", {"last_seq": self.bus.last_seq}))
+            await self._pump(response, subscription, last)
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+        finally:
+            subscription.close()
+        with contextlib.suppress(ConnectionResetError):
+            await response.write_eof()
+        return response
+
+    async def _pump(self, response: web.StreamResponse, subscription: Any, last: int) -> None:
+        queue = subscription.queue
+        closing = asyncio.ensure_future(self.closing.wait())
+        try:
+            while not closing.done():
+                if subscription.dropped and queue.empty():
+                    await response.write(_sse("stream.dropped", {"last_seq": last}))
+                    return
+                getter = asyncio.ensure_future(queue.get())
+                done, _ = await asyncio.wait(
+                    {getter, closing},
+                    timeout=HEARTBEAT_SECONDS,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                if getter not in done:
+                    getter.cancel()
+                    if not done:
+                        await response.write(b": keep-alive\n\n")
+                    continue
+                event: Event = getter.result()
+                if event.seq > last:
+                    await response.write(_sse_event(event))
+                    last = event.seq
+        finally:
+            closing.cancel()
+
+
+def _sse_event(event: Event) -> bytes:
+    return f"id: {event.seq}\nevent: {event.type}\ndata: {json.dumps(event.to_json())}\n\n".encode()
+
+
+def _sse(kind: str, data: dict[str, Any]) -> bytes:
+    return f"event: {kind}\ndata: {json.dumps(data)}\n\n".encode()

@@ -1,0 +1,202 @@
+"""Assemble and run one proxy: listeners, client session, admin API, config watcher."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from proxy.config import Config, parse_host_port
+from proxy.events import EventBus
+from proxy.flows import FlowTable
+from proxy.metrics import ProxyMetrics
+from proxy.reload import ConfigHolder, watch_config
+from proxy.server.admin import AdminApi
+from proxy.server.forwarder import TARGET_KEY, Forwarder
+from proxy.server.guard import GuardedAppRunner, assert_c_parser, install_log_redaction
+from proxy.state import ensure_state_dir, load_or_create_admin_token
+
+log = logging.getLogger("sluice.runtime")
+
+
+@dataclass
+class Overrides:
+    """Command-line settings that win over the config file for this process."""
+
+    listen: str | None = None
+    admin_listen: str | None = None
+    state_dir: Path | None = None
+
+
+@dataclass
+class Listener:
+    name: str
+    runner: GuardedAppRunner
+    url: str = ""
+
+
+@dataclass
+class ProxyRuntime:
+    config: Config
+    overrides: Overrides = field(default_factory=Overrides)
+    watch: bool = True
+
+    def __post_init__(self) -> None:
+        self.holder = ConfigHolder(self.config)
+        self.bus = EventBus(self.config.events.buffer)
+        self.flows = FlowTable(self.config.events.flows)
+        self.metrics = ProxyMetrics()
+        self.bus.add_listener(self.flows.apply)
+        self.bus.add_listener(self.metrics.observe)
+        self.listeners: list[Listener] = []
+        self.admin_url = ""
+        self._stop_watch = asyncio.Event()
+        self._watch_task: asyncio.Task[None] | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self.admin: AdminApi | None = None
+        self.forwarder: Forwarder | None = None
+
+    @property
+    def state_dir(self) -> Path:
+        return self.overrides.state_dir or self.config.state_dir
+
+    @property
+    def main_url(self) -> str:
+        return self.listeners[0].url if self.listeners else ""
+
+    async def start(self) -> None:
+        assert_c_parser()
+        install_log_redaction()
+        config = self.config
+        token = load_or_create_admin_token(ensure_state_dir(self.state_dir))
+        limits = config.limits
+        self._session = aiohttp.ClientSession(
+            auto_decompress=False,
+            connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=10),
+            trust_env=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
+        self.forwarder = Forwarder(self.holder, self.bus, self._session)
+        guard: dict[str, Any] = {
+            "header_timeout": limits.header_timeout,
+            "max_header_bytes": limits.max_header_size * 2,
+            "max_connections": limits.max_connections,
+        }
+        handler_options: dict[str, Any] = {
+            "keepalive_timeout": limits.idle_timeout,
+            "max_line_size": limits.max_header_size,
+            "max_field_size": limits.max_header_size,
+            "max_headers": limits.max_headers,
+            "access_log": None,
+            "handle_signals": False,
+            "shutdown_timeout": config.proxy.drain_timeout,
+        }
+        main = self._proxy_app(None, limits.max_body_size)
+        await self._listen(
+            "main", main, self.overrides.listen or config.proxy.listen, guard, handler_options
+        )
+        for target in config.targets.values():
+            if target.listen:
+                app = self._proxy_app(target.name, limits.max_body_size)
+                await self._listen(target.name, app, target.listen, guard, handler_options)
+        self.admin = AdminApi(
+            token=token,
+            holder=self.holder,
+            bus=self.bus,
+            flows=self.flows,
+            metrics=self.metrics,
+            status=self._status,
+        )
+        admin_runner = GuardedAppRunner(self.admin.make_app(), guard=guard, **handler_options)
+        await admin_runner.setup()
+        self.admin_url = await _start_site(
+            admin_runner, self.overrides.admin_listen or config.proxy.admin_listen
+        )
+        self._admin_runner = admin_runner
+        if self.watch:
+            self._watch_task = asyncio.create_task(
+                watch_config(self.holder, self.bus, self._stop_watch), name="config-watch"
+            )
+        self.bus.publish(
+            "proxy.started",
+            listen=self.main_url,
+            admin=self.admin_url,
+            identity=config.identity.mode,
+            config=str(config.path),
+            digest=config.digest,
+        )
+
+    def _proxy_app(self, fixed_target: str | None, max_body: int) -> web.Application:
+        assert self.forwarder is not None
+        app = web.Application(client_max_size=max_body, handler_args=None)
+        if fixed_target is not None:
+            app[TARGET_KEY] = fixed_target
+        app.router.add_route("*", "/{tail:.*}", self.forwarder.handle)
+        return app
+
+    async def _listen(
+        self,
+        name: str,
+        app: web.Application,
+        address: str,
+        guard: dict[str, Any],
+        options: dict[str, Any],
+    ) -> None:
+        runner = GuardedAppRunner(app, guard=guard, **options)
+        await runner.setup()
+        listener = Listener(name, runner)
+        self.listeners.append(listener)
+        listener.url = await _start_site(runner, address)
+
+    def _status(self) -> dict[str, Any]:
+        return {
+            "listen": self.main_url,
+            "admin": self.admin_url,
+            "in_flight": self.forwarder.in_flight if self.forwarder else 0,
+            "subscribers": self.bus.subscriber_count,
+            "dropped_subscribers": self.bus.dropped_subscribers,
+        }
+
+    async def stop(self) -> None:
+        """Stop accepting, drain in-flight requests for a bounded time, then close."""
+        self._stop_watch.set()
+        self.bus.publish(
+            "proxy.stopping", in_flight=self.forwarder.in_flight if self.forwarder else 0
+        )
+        for listener in self.listeners:
+            await listener.runner.cleanup()
+        if self.admin is not None:
+            self.admin.closing.set()
+            await self._admin_runner.cleanup()
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._watch_task
+        if self._session is not None:
+            await self._session.close()
+
+
+async def _start_site(runner: web.AppRunner, address: str) -> str:
+    host, port = parse_host_port(address)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"cannot listen on {address}: {exc.strerror}") from None
+    sock.listen(1024)
+    sock.setblocking(False)
+    site = web.SockSite(runner, sock, backlog=1024)
+    await site.start()
+    bound_host, bound_port = sock.getsockname()[:2]
+    shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+    return f"http://{shown}:{bound_port}"
