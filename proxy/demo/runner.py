@@ -1,0 +1,116 @@
+"""``sluice demo``: demo upstreams in this process, the proxy in its own, a scripted agent.
+
+The proxy runs as a child process exactly as a user would run it (``sluice proxy``), and
+the summary at the end comes from its admin API, so the demo exercises the real paths.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from yarl import URL
+
+from proxy.config import Config
+from proxy.demo.agent import AgentStep, run_agent
+from proxy.demo.upstreams import start_upstreams
+from proxy.demo.workspace import build_workspace
+from proxy.state import ADMIN_TOKEN_FILE, ensure_state_dir
+
+MARKS = {"allowed": "ALLOW", "denied": "DENY ", "error": "ERROR"}
+
+
+def _upstream_port(config: Config, name: str) -> int | None:
+    target = config.targets.get(name)
+    if target is None:
+        return None
+    url = URL(target.upstream)
+    return url.port if url.host in ("127.0.0.1", "localhost") else None
+
+
+async def _wait_for_admin(admin_url: str, token_file: Path, proxy: asyncio.subprocess.Process
+                          ) -> str:
+    async with aiohttp.ClientSession() as session:
+        for _ in range(200):
+            if proxy.returncode is not None:
+                raise RuntimeError(f"the proxy exited with status {proxy.returncode}")
+            if token_file.exists():
+                token = token_file.read_text().strip()
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with session.get(f"{admin_url}/api/health",
+                                           headers={"Authorization": f"Bearer {token}"}) as reply:
+                        if reply.status == 200:
+                            return token
+            await asyncio.sleep(0.05)
+    raise RuntimeError("the proxy did not come up within 10 seconds")
+
+
+def _print_step(step: AgentStep) -> None:
+    mark = MARKS.get(step.verdict, step.verdict.upper())
+    status = step.status if step.status is not None else "---"
+    print(f"  {mark} {status}  {step.method:<6} {step.path:<40} {step.intent}", flush=True)
+    if step.verdict != "allowed":
+        print(f"               -> {step.detail}", flush=True)
+
+
+async def _summary(admin_url: str, token: str) -> list[dict[str, Any]]:
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as session:
+        async with session.get(f"{admin_url}/api/flows", params={"limit": "100"}) as reply:
+            return (await reply.json())["flows"]
+
+
+async def run_demo(config: Config, *, pause: float = 0.6) -> int:
+    repo_port, build_port = _upstream_port(config, "repo"), _upstream_port(config, "build")
+    if repo_port is None or build_port is None:
+        print("sluice demo needs targets named 'repo' and 'build' with loopback upstreams "
+              "(see sample_config.toml)", file=sys.stderr)
+        return 2
+    state_dir = ensure_state_dir(config.state_dir)
+    workspace = build_workspace(state_dir / "demo-workspace")
+    try:
+        stop_upstreams = await start_upstreams(workspace, repo_port, build_port)
+    except OSError as exc:
+        print(f"sluice demo: cannot start the demo upstreams: {exc}", file=sys.stderr)
+        return 1
+    admin_url = f"http://{config.proxy.admin_listen}"
+    proxy_url = f"http://{config.proxy.listen}"
+    print("Sluice demo: a scripted agent reaches a code repository and a build server "
+          "through the proxy.", flush=True)
+    print(f"  repo upstream  http://127.0.0.1:{repo_port}   build upstream  "
+          f"http://127.0.0.1:{build_port}", flush=True)
+    proxy = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "proxy", "-c", str(config.path),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        token = await _wait_for_admin(admin_url, state_dir / ADMIN_TOKEN_FILE, proxy)
+        print(f"  proxy          {proxy_url}   admin API  {admin_url}\n", flush=True)
+        steps = await run_agent(proxy_url, pause=pause, on_step=_print_step)
+        flows = await _summary(admin_url, token)
+    except RuntimeError as exc:
+        stderr = await proxy.stderr.read() if proxy.stderr else b""
+        print(f"sluice demo: {exc}\n{stderr.decode(errors='replace')}", file=sys.stderr)
+        return 1
+    finally:
+        if proxy.returncode is None:
+            proxy.send_signal(signal.SIGTERM)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(proxy.wait(), 15)
+        await stop_upstreams()
+    allowed = sum(step.verdict == "allowed" for step in steps)
+    denied = sum(step.verdict == "denied" for step in steps)
+    print(f"\n{len(steps)} requests: {allowed} allowed, {denied} denied by policy, "
+          f"{len(steps) - allowed - denied} failed.", flush=True)
+    print("The proxy's own record (GET /api/flows on the admin API):", flush=True)
+    for flow in flows:
+        rule = flow.get("rule") or "(default deny)"
+        print(f"  {flow.get('status')}  {flow.get('decision', '?'):<8} {flow.get('method'):<6} "
+              f"/{flow.get('target')}{flow.get('path')}  rule={rule}", flush=True)
+    return 0
