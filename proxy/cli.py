@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from proxy.config import Config, ConfigError, default_config_path, load_config, parse_host_port
+from proxy.units import parse_duration
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -21,6 +22,16 @@ def _host_port(value: str) -> str:
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return value
+
+
+def _duration(value: str) -> float:
+    try:
+        seconds = parse_duration(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError("the lifetime must be positive")
+    return seconds
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,6 +83,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     config_option(check)
 
+    token = commands.add_parser(
+        "token",
+        help="issue local identity tokens",
+        description='Tokens signed by this proxy\'s local issuer ([identity] mode = "local").',
+    )
+    token_commands = token.add_subparsers(dest="token_command", metavar="ACTION", required=True)
+    issue = token_commands.add_parser(
+        "issue", help="print a new token", description="Print a token for an agent or an approver."
+    )
+    config_option(issue)
+    issue.add_argument("--sub", required=True, metavar="NAME", help="the token's subject")
+    issue.add_argument("--groups", default="", metavar="A,B", help="comma-separated groups")
+    issue.add_argument(
+        "--ttl",
+        type=_duration,
+        metavar="DURATION",
+        help='lifetime such as "8h" (default: identity.token_ttl)',
+    )
+
     demo = commands.add_parser(
         "demo",
         help="run the bundled demo",
@@ -110,11 +140,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     if args.command == "proxy":
         return _run_proxy(config, args)
+    if args.command == "token":
+        return _issue_token(config, args)
     if args.command == "demo":
         from proxy.demo.runner import run_demo
 
         return asyncio.run(run_demo(config, pause=args.pause))
     return EXIT_USAGE
+
+
+def _issue_token(config: Config, args: argparse.Namespace) -> int:
+    from proxy.identity.local import LocalIssuer
+
+    identity = config.identity
+    if identity.mode != "local":
+        print(
+            f'sluice token issue needs [identity] mode = "local" (this config has '
+            f'"{identity.mode}")',
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    if not args.sub.strip():
+        print("sluice token issue: --sub must not be empty", file=sys.stderr)
+        return EXIT_USAGE
+    groups = [group.strip() for group in args.groups.split(",") if group.strip()]
+    issuer = LocalIssuer(
+        config.state_dir, issuer=identity.effective_issuer, audience=identity.audience
+    )
+    print(
+        issuer.issue(
+            args.sub.strip(),
+            groups,
+            args.ttl or identity.token_ttl,
+            groups_claim=identity.groups_claim,
+        )
+    )
+    return EXIT_OK
 
 
 def _run_proxy(config: Config, args: argparse.Namespace) -> int:

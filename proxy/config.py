@@ -92,8 +92,104 @@ class LimitsSection(_Section):
     upstream_timeout: Duration = 60.0
 
 
+ASYMMETRIC = (
+    "RS256",
+    "RS384",
+    "RS512",
+    "PS256",
+    "PS384",
+    "PS512",
+    "ES256",
+    "ES384",
+    "ES512",
+    "EdDSA",
+)
+HMAC = ("HS256", "HS384", "HS512")
+
+
+def _check_algorithms(value: object) -> list[str]:
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise ValueError("expected a non-empty list of algorithm names")
+    unknown = [name for name in value if name not in ASYMMETRIC + HMAC]
+    if unknown:
+        raise ValueError(f"unknown JWT algorithms {unknown}; use {', '.join(ASYMMETRIC)}")
+    hmac_used = [name for name in value if name in HMAC]
+    if hmac_used and len(hmac_used) < len(value):
+        raise ValueError("mixing HMAC and asymmetric algorithms is not allowed")
+    if hmac_used:
+        raise ValueError("HMAC algorithms are not accepted; tokens must be asymmetrically signed")
+    return list(value)
+
+
 class IdentitySection(_Section):
     mode: Literal["none", "local", "oidc"] = "none"
+    issuer: str | None = None
+    audience: str = "sluice"
+    groups_claim: str = Field(default="groups", pattern=r"^[A-Za-z0-9_:-]+(\.[A-Za-z0-9_:-]+)*$")
+    algorithms: Annotated[list[str], BeforeValidator(_check_algorithms)] | None = None
+    leeway: Duration = 30.0
+    approver_groups: list[str] = Field(default_factory=list)
+    discovery_url: str | None = None
+    jwks_url: str | None = None
+    jwks_refresh: Duration = 600.0
+    jwks_max_stale: Duration = 3600.0
+    jwks_cooldown: Duration = 30.0
+    max_token_size: Size = 8192
+    token_ttl: Duration = 8 * 3600.0
+
+    @property
+    def effective_issuer(self) -> str:
+        return self.issuer or "sluice-local"
+
+    @property
+    def effective_algorithms(self) -> list[str]:
+        if self.algorithms:
+            return self.algorithms
+        return ["EdDSA"] if self.mode == "local" else ["RS256", "ES256", "EdDSA"]
+
+
+class _CredentialBase(_Section):
+    header: str = Field(default="Authorization", pattern=r"^[A-Za-z0-9-]+$")
+    format: str = "Bearer {token}"
+
+
+class StaticCredentialModel(_CredentialBase):
+    kind: Literal["static"]
+    env: str | None = None
+    file: str | None = None
+
+
+class JwtCredentialModel(_CredentialBase):
+    kind: Literal["jwt"]
+    key_file: str
+    algorithm: Literal["ES256", "EdDSA"] = "ES256"
+    ttl: Duration = 300.0
+    issuer: str = "sluice"
+    audience: str | None = None
+
+
+class OAuth2CredentialModel(_CredentialBase):
+    kind: Literal["oauth2_client_credentials"]
+    token_url: str
+    client_id: str
+    client_secret_env: str | None = None
+    client_secret_file: str | None = None
+    scope: str | None = None
+    audience: str | None = None
+    auth_method: Literal["basic", "post"] = "basic"
+
+
+class CommandCredentialModel(_CredentialBase):
+    kind: Literal["command"]
+    argv: list[str] = Field(min_length=1)
+    timeout: Duration = 10.0
+    ttl: Duration = 300.0
+
+
+CredentialModel = Annotated[
+    StaticCredentialModel | JwtCredentialModel | OAuth2CredentialModel | CommandCredentialModel,
+    Field(discriminator="kind"),
+]
 
 
 class EventsSection(_Section):
@@ -106,6 +202,7 @@ class TargetModel(_Section):
     upstream: Annotated[str, BeforeValidator(_check_upstream)]
     listen: Listen | None = None
     preserve_host: bool = False
+    credential: str | None = None
 
 
 class RuleModel(BaseModel):
@@ -124,6 +221,7 @@ class ConfigModel(_Section):
     events: EventsSection = EventsSection()
     targets: list[TargetModel] = Field(default_factory=list)
     rules: list[RuleModel] = Field(default_factory=list)
+    credentials: dict[str, CredentialModel] = Field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -157,6 +255,7 @@ class Config:
     identity: IdentitySection
     events: EventsSection
     targets: Mapping[str, TargetModel]
+    credentials: Mapping[str, Any]
     policy: Policy
 
     @property
@@ -213,9 +312,49 @@ def _semantic_issues(model: ConfigModel, file: str, lines: KeyLines) -> list[Con
                 add(
                     loc, f'identity mode "none" is only allowed on loopback listeners, not {host!r}'
                 )
-    elif model.identity.mode in ("local", "oidc"):
-        add(("identity", "mode"), f'identity mode "{model.identity.mode}" is not available yet')
+    issues.extend(_identity_issues(model, add))
+    for index, target in enumerate(model.targets):
+        if target.credential and target.credential not in model.credentials:
+            add(("targets", index, "credential"), f"unknown credential {target.credential!r}")
+    for name, credential in model.credentials.items():
+        if isinstance(credential, StaticCredentialModel) and (credential.env is None) == (
+            credential.file is None
+        ):
+            add(("credentials", name), "a static credential needs exactly one of env or file")
+        if isinstance(credential, OAuth2CredentialModel):
+            if (credential.client_secret_env is None) == (credential.client_secret_file is None):
+                add(
+                    ("credentials", name),
+                    "needs exactly one of client_secret_env or client_secret_file",
+                )
+            _check_url(credential.token_url, ("credentials", name, "token_url"), add)
+        if "{token}" not in credential.format:
+            add(("credentials", name, "format"), "format must contain {token}")
     return issues
+
+
+def _check_url(url: str, loc: Loc, add: Any) -> None:
+    from proxy.identity.oidc import check_fetch_url
+
+    try:
+        check_fetch_url(url)
+    except ValueError as exc:
+        add(loc, str(exc))
+
+
+def _identity_issues(model: ConfigModel, add: Any) -> list[ConfigIssue]:
+    identity = model.identity
+    if identity.mode == "oidc":
+        if not identity.issuer:
+            add(("identity", "issuer"), 'identity mode "oidc" needs an issuer URL')
+        else:
+            _check_url(identity.issuer, ("identity", "issuer"), add)
+        for key in ("discovery_url", "jwks_url"):
+            if getattr(identity, key):
+                _check_url(getattr(identity, key), ("identity", key), add)
+    elif identity.mode == "local" and identity.algorithms and identity.algorithms != ["EdDSA"]:
+        add(("identity", "algorithms"), 'local mode signs with EdDSA; set algorithms = ["EdDSA"]')
+    return []
 
 
 def load_config_text(text: str, path: Path) -> Config:
@@ -251,6 +390,7 @@ def load_config_text(text: str, path: Path) -> Config:
         identity=model.identity,
         events=model.events,
         targets={target.name: target for target in model.targets},
+        credentials=dict(model.credentials),
         policy=policy,
     )
 

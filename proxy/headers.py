@@ -36,10 +36,27 @@ def connection_tokens(pairs: Pairs) -> frozenset[str]:
     return frozenset(tokens)
 
 
-def request_headers_for_upstream(pairs: Pairs) -> list[tuple[str, str]]:
-    """Drop hop-by-hop, framing and forgeable forwarding headers from an agent's request."""
+#: The agent's own credentials for Sluice never travel further.
+AGENT_CREDENTIALS = frozenset({"authorization"})
+
+
+def request_headers_for_upstream(
+    pairs: Pairs, also_drop: Iterable[str] = ()
+) -> list[tuple[str, str]]:
+    """Drop hop-by-hop, framing, forgeable forwarding and the agent's auth headers.
+
+    ``also_drop`` names headers Sluice will set itself (an injected credential), so an
+    agent can never supply or override them.
+    """
     pairs = list(pairs)
-    drop = HOP_BY_HOP | connection_tokens(pairs) | FRAMING | CLIENT_FORGEABLE
+    drop = (
+        HOP_BY_HOP
+        | connection_tokens(pairs)
+        | FRAMING
+        | CLIENT_FORGEABLE
+        | AGENT_CREDENTIALS
+        | {name.lower() for name in also_drop}
+    )
     return [
         (name, value)
         for name, value in pairs

@@ -34,8 +34,9 @@ def _upstream_port(config: Config, name: str) -> int | None:
     return url.port if url.host in ("127.0.0.1", "localhost") else None
 
 
-async def _wait_for_admin(admin_url: str, token_file: Path, proxy: asyncio.subprocess.Process
-                          ) -> str:
+async def _wait_for_admin(
+    admin_url: str, token_file: Path, proxy: asyncio.subprocess.Process
+) -> str:
     async with aiohttp.ClientSession() as session:
         for _ in range(200):
             if proxy.returncode is not None:
@@ -43,12 +44,26 @@ async def _wait_for_admin(admin_url: str, token_file: Path, proxy: asyncio.subpr
             if token_file.exists():
                 token = token_file.read_text().strip()
                 with contextlib.suppress(aiohttp.ClientError):
-                    async with session.get(f"{admin_url}/api/health",
-                                           headers={"Authorization": f"Bearer {token}"}) as reply:
+                    async with session.get(
+                        f"{admin_url}/api/health", headers={"Authorization": f"Bearer {token}"}
+                    ) as reply:
                         if reply.status == 200:
                             return token
             await asyncio.sleep(0.05)
     raise RuntimeError("the proxy did not come up within 10 seconds")
+
+
+def _agent_token(config: Config, state_dir: Path) -> str | None:
+    """In local identity mode the demo agent gets a token, as a real agent would."""
+    identity = config.identity
+    if identity.mode != "local":
+        return None
+    from proxy.identity.local import LocalIssuer
+
+    issuer = LocalIssuer(state_dir, issuer=identity.effective_issuer, audience=identity.audience)
+    print("  agent identity demo-agent (groups: agents), token from the local issuer",
+          flush=True)
+    return issuer.issue("demo-agent", ["agents"], 3600, groups_claim=identity.groups_claim)
 
 
 def _print_step(step: AgentStep) -> None:
@@ -60,16 +75,22 @@ def _print_step(step: AgentStep) -> None:
 
 
 async def _summary(admin_url: str, token: str) -> list[dict[str, Any]]:
-    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as session:
-        async with session.get(f"{admin_url}/api/flows", params={"limit": "100"}) as reply:
-            return (await reply.json())["flows"]
+    headers = {"Authorization": f"Bearer {token}"}
+    async with (
+        aiohttp.ClientSession(headers=headers) as session,
+        session.get(f"{admin_url}/api/flows", params={"limit": "100"}) as reply,
+    ):
+        return (await reply.json())["flows"]
 
 
 async def run_demo(config: Config, *, pause: float = 0.6) -> int:
     repo_port, build_port = _upstream_port(config, "repo"), _upstream_port(config, "build")
     if repo_port is None or build_port is None:
-        print("sluice demo needs targets named 'repo' and 'build' with loopback upstreams "
-              "(see sample_config.toml)", file=sys.stderr)
+        print(
+            "sluice demo needs targets named 'repo' and 'build' with loopback upstreams "
+            "(see sample_config.toml)",
+            file=sys.stderr,
+        )
         return 2
     state_dir = ensure_state_dir(config.state_dir)
     workspace = build_workspace(state_dir / "demo-workspace")
@@ -80,19 +101,32 @@ async def run_demo(config: Config, *, pause: float = 0.6) -> int:
         return 1
     admin_url = f"http://{config.proxy.admin_listen}"
     proxy_url = f"http://{config.proxy.listen}"
-    print("Sluice demo: a scripted agent reaches a code repository and a build server "
-          "through the proxy.", flush=True)
-    print(f"  repo upstream  http://127.0.0.1:{repo_port}   build upstream  "
-          f"http://127.0.0.1:{build_port}", flush=True)
+    print(
+        "Sluice demo: a scripted agent reaches a code repository and a build server "
+        "through the proxy.",
+        flush=True,
+    )
+    print(
+        f"  repo upstream  http://127.0.0.1:{repo_port}   build upstream  "
+        f"http://127.0.0.1:{build_port}",
+        flush=True,
+    )
     proxy = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "proxy", "-c", str(config.path),
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "proxy",
+        "proxy",
+        "-c",
+        str(config.path),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     try:
         token = await _wait_for_admin(admin_url, state_dir / ADMIN_TOKEN_FILE, proxy)
         print(f"  proxy          {proxy_url}   admin API  {admin_url}\n", flush=True)
-        steps = await run_agent(proxy_url, pause=pause, on_step=_print_step)
+        agent_token = _agent_token(config, state_dir)
+        steps = await run_agent(proxy_url, token=agent_token, pause=pause, on_step=_print_step)
         flows = await _summary(admin_url, token)
     except RuntimeError as exc:
         stderr = await proxy.stderr.read() if proxy.stderr else b""
@@ -106,11 +140,17 @@ async def run_demo(config: Config, *, pause: float = 0.6) -> int:
         await stop_upstreams()
     allowed = sum(step.verdict == "allowed" for step in steps)
     denied = sum(step.verdict == "denied" for step in steps)
-    print(f"\n{len(steps)} requests: {allowed} allowed, {denied} denied by policy, "
-          f"{len(steps) - allowed - denied} failed.", flush=True)
+    print(
+        f"\n{len(steps)} requests: {allowed} allowed, {denied} denied by policy, "
+        f"{len(steps) - allowed - denied} failed.",
+        flush=True,
+    )
     print("The proxy's own record (GET /api/flows on the admin API):", flush=True)
     for flow in flows:
         rule = flow.get("rule") or "(default deny)"
-        print(f"  {flow.get('status')}  {flow.get('decision', '?'):<8} {flow.get('method'):<6} "
-              f"/{flow.get('target')}{flow.get('path')}  rule={rule}", flush=True)
+        print(
+            f"  {flow.get('status')}  {flow.get('decision', '?'):<8} {flow.get('method'):<6} "
+            f"/{flow.get('target')}{flow.get('path')}  rule={rule}",
+            flush=True,
+        )
     return 0

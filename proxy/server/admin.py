@@ -18,12 +18,16 @@ from aiohttp import web
 from proxy import __version__
 from proxy.events import Event, EventBus
 from proxy.flows import FlowTable
+from proxy.identity import IdentityError, KeysUnavailable
 from proxy.metrics import CONTENT_TYPE, ProxyMetrics
 from proxy.reload import ConfigHolder
 from proxy.server.guard import error_response
+from proxy.server.identity_http import IdentityGate
 from proxy.state import tokens_equal
 
 HEARTBEAT_SECONDS = 15.0
+LOCAL_OPERATOR = "local-operator"
+PRINCIPAL_KEY = web.RequestKey("sluice_principal", str)
 
 
 class AdminApi:
@@ -36,7 +40,9 @@ class AdminApi:
         flows: FlowTable,
         metrics: ProxyMetrics,
         status: Callable[[], dict[str, Any]],
+        gate: IdentityGate | None = None,
     ) -> None:
+        self.gate = gate
         self.token = token
         self.holder = holder
         self.bus = bus
@@ -52,18 +58,48 @@ class AdminApi:
         app.router.add_get("/api/events", self.events)
         app.router.add_get("/api/flows", self.recent_flows)
         app.router.add_get("/metrics", self.render_metrics)
+        app.router.add_get("/.well-known/jwks.json", self.jwks)
         return app
 
     @web.middleware
     async def _require_token(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not given or not tokens_equal(given.strip(), self.token):
+        if request.path == "/.well-known/jwks.json":
+            return await handler(request)
+        principal = await self._principal(request.headers.get("Authorization", ""))
+        if principal is None:
             response = error_response(401, "unauthorized", "a valid admin token is required")
             response.headers["WWW-Authenticate"] = 'Bearer realm="sluice-admin"'
             return response
+        request[PRINCIPAL_KEY] = principal
         return await handler(request)
 
-    async def health(self, _request: web.Request) -> web.Response:
+    async def _principal(self, authorization: str) -> str | None:
+        """The local operator (admin token) or an approver (JWT in an approver group)."""
+        scheme, _, given = authorization.partition(" ")
+        given = given.strip()
+        if scheme.lower() != "bearer" or not given:
+            return None
+        if tokens_equal(given, self.token):
+            return LOCAL_OPERATOR
+        config = self.holder.current
+        if self.gate is None or not config.identity.approver_groups:
+            return None
+        try:
+            identity = await self.gate.authenticate(config, authorization)
+        except (IdentityError, KeysUnavailable):
+            return None
+        if set(identity.groups) & set(config.identity.approver_groups):
+            return identity.subject
+        return None
+
+    async def jwks(self, _request: web.Request) -> web.Response:
+        """Public keys of the local issuer, so upstreams and tools can verify its tokens."""
+        document = self.gate.jwks(self.holder.current) if self.gate else None
+        if document is None:
+            return error_response(404, "not_found", "this proxy does not issue tokens")
+        return web.json_response(document)
+
+    async def health(self, request: web.Request) -> web.Response:
         config = self.holder.current
         body = {
             "status": "ok",
@@ -76,6 +112,7 @@ class AdminApi:
                 "reloads": self.holder.reloads,
                 "last_error": self.holder.last_error,
             },
+            "principal": request[PRINCIPAL_KEY],
             "flows": len(self.flows),
             "last_seq": self.bus.last_seq,
             **self.status(),

@@ -1,7 +1,7 @@
-"""The reverse-proxy handler: decide, then stream both ways with bounded memory.
+"""The reverse-proxy handler: who is calling, what policy says, then forward.
 
 Every request reads the config once at the start and finishes under it, even if a
-reload swaps in another meanwhile.
+reload swaps in another meanwhile. Every refusal is JSON an agent can act on.
 """
 
 from __future__ import annotations
@@ -10,56 +10,80 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import aiohttp
 from aiohttp import web
-from yarl import URL
 
 from proxy.config import Config, TargetModel
+from proxy.credentials import CredentialUnavailable, Injected
 from proxy.events import EventBus
-from proxy.headers import (
-    forwarded_headers,
-    request_headers_for_upstream,
-    response_headers_for_agent,
-)
+from proxy.headers import forwarded_headers, request_headers_for_upstream
+from proxy.identity import Identity, IdentityError, KeysUnavailable
 from proxy.matcher import Facts, headers_for_facts
 from proxy.policy import NEEDS_BODY, Action, Decision
 from proxy.reload import ConfigHolder
 from proxy.server.guard import error_response
+from proxy.server.identity_http import IdentityGate
+from proxy.server.relay import Relay, classify_upstream_error, stream_body, upstream_url
 from proxy.server.requestcheck import BadRequest, BodyTooLarge, check_request, read_bounded
 
 log = logging.getLogger("sluice.forwarder")
-CHUNK = 256 * 1024
+TARGET_KEY = web.AppKey("sluice_fixed_target", str)
+_LABELS = {Action.ALLOW: "allowed", Action.DENY: "denied", Action.APPROVE: "held"}
 
 
-class UpstreamFailure(Exception):
-    def __init__(self, status: int, kind: str, reason: str) -> None:
+def _ms(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 3)
+
+
+class Refusal(Exception):
+    """Ends a request early with Sluice's own JSON answer."""
+
+    def __init__(
+        self,
+        status: int,
+        error: str,
+        reason: str,
+        *,
+        rule: str | None = None,
+        decision: str = "refused",
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(reason)
-        self.status, self.kind, self.reason = status, kind, reason
+        self.status, self.error, self.reason = status, error, reason
+        self.rule, self.decision, self.headers = rule, decision, headers or {}
 
 
 class Forwarder:
-    def __init__(self, holder: ConfigHolder, bus: EventBus, session: aiohttp.ClientSession) -> None:
+    def __init__(
+        self,
+        holder: ConfigHolder,
+        bus: EventBus,
+        session: aiohttp.ClientSession,
+        gate: IdentityGate,
+    ) -> None:
         self.holder = holder
         self.bus = bus
         self.session = session
+        self.gate = gate
+        self.relay = Relay(bus)
         self.in_flight = 0
         self.idle = asyncio.Event()
         self.idle.set()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        """Entry point on the main listener: the first path segment names the target."""
-        return await self._handle(request, request.app.get(TARGET_KEY))
-
-    async def _handle(self, request: web.Request, fixed_target: str | None) -> web.StreamResponse:
         self.in_flight += 1
         self.idle.clear()
         started = time.perf_counter()
         request_id = secrets.token_hex(8)
         config = self.holder.current
         try:
-            return await self._process(request, config, fixed_target, request_id, started)
+            return await self._process(
+                request, config, request.app.get(TARGET_KEY), request_id, started
+            )
+        except Refusal as refusal:
+            return self._refuse(request_id, started, refusal)
         finally:
             self.in_flight -= 1
             if not self.in_flight:
@@ -74,18 +98,25 @@ class Forwarder:
         started: float,
     ) -> web.StreamResponse:
         bus = self.bus
+        received = {
+            "request_id": request_id,
+            "method": request.method,
+            "host": request.host,
+            "client": request.remote,
+            "bytes_in": request.content_length,
+        }
         try:
             target_name, path, raw_query = check_request(request, fixed_target)
         except BadRequest as exc:
-            bus.publish(
-                "request.received",
-                request_id=request_id,
-                method=request.method,
-                path=request.path,
-                client=request.remote,
-            )
-            return self._refuse(request_id, started, 400, "bad_request", exc.reason, None)
+            bus.publish("request.received", path=request.path, **received)
+            raise Refusal(400, "bad_request", exc.reason) from None
+        received.update(target=target_name, path=path, query=raw_query)
+        identity = await self._authenticate(request, config, received)
+        bus.publish("request.received", **received, **identity.to_event())
         target = config.targets.get(target_name) if target_name else None
+        if target is None:
+            reason = f"no target named {target_name!r}" if target_name else "no target in the path"
+            raise Refusal(404, "unknown_target", reason)
         facts = Facts(
             method=request.method,
             target=target_name,
@@ -93,42 +124,67 @@ class Forwarder:
             query=raw_query,
             host=request.host,
             headers=headers_for_facts(request.headers.items()),
+            subject=identity.subject,
+            groups=identity.groups,
             content_type=request.headers.get("Content-Type", ""),
         )
+        decision, body = await self._decide(request, config, facts)
         bus.publish(
-            "request.received",
+            "request.decided",
             request_id=request_id,
-            method=request.method,
-            target=target_name,
-            path=path,
-            query=raw_query,
-            host=request.host,
-            client=request.remote,
+            decision=_LABELS[decision.action],
+            rule=decision.rule,
+            reason=decision.reason,
+            code=decision.code,
         )
-        if target is None:
-            reason = f"no target named {target_name!r}" if target_name else "no target in the path"
-            return self._refuse(request_id, started, 404, "unknown_target", reason, None)
+        if not decision.allowed:
+            return self._deny(request_id, started, decision)
+        return await self._forward(
+            request, config, target, identity, path, raw_query, body, request_id, started
+        )
 
+    async def _authenticate(
+        self, request: web.Request, config: Config, received: dict[str, object]
+    ) -> Identity:
+        try:
+            return await self.gate.authenticate(config, request.headers.get("Authorization"))
+        except IdentityError as exc:
+            self.bus.publish("request.received", **received)
+            raise Refusal(
+                401,
+                "invalid_token",
+                exc.reason,
+                decision="unauthenticated",
+                headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
+            ) from None
+        except KeysUnavailable:
+            self.bus.publish("request.received", **received)
+            raise Refusal(
+                503,
+                "identity_unavailable",
+                "no identity provider keys are available to check the token",
+                decision="unauthenticated",
+            ) from None
+
+    async def _decide(
+        self, request: web.Request, config: Config, facts: Facts
+    ) -> tuple[Decision, bytes | None]:
+        policy = config.policy
+        decision = policy.evaluate(facts)
         body: bytes | None = None
-        decision = config.policy.evaluate(facts)
         if decision is NEEDS_BODY:
             try:
                 body = await read_bounded(
-                    request, config.policy.max_body_inspect, config.limits.body_timeout
+                    request, policy.max_body_inspect, config.limits.body_timeout
                 )
             except BodyTooLarge:
-                decision = config.policy.body_too_large(facts)
+                decision = policy.body_too_large(facts)
             except TimeoutError:
-                return self._refuse(
-                    request_id,
-                    started,
-                    408,
-                    "body_timeout",
-                    "request body was not received in time",
-                    None,
-                )
+                raise Refusal(
+                    408, "body_timeout", "request body was not received in time"
+                ) from None
             else:
-                decision = config.policy.evaluate(_with_body(facts, body))
+                decision = policy.evaluate(replace(facts, body=body))
         if not isinstance(decision, Decision):  # a second NEEDS_BODY would be a bug: deny
             decision = Decision(Action.DENY, None, "policy could not decide", "policy_error")
         if decision.action is Action.APPROVE:
@@ -139,19 +195,7 @@ class Forwarder:
                 "not enabled on this proxy)",
                 "approval_unavailable",
             )
-        bus.publish(
-            "request.decided",
-            request_id=request_id,
-            decision=_label(decision),
-            rule=decision.rule,
-            reason=decision.reason,
-            code=decision.code,
-        )
-        if not decision.allowed:
-            return self._deny(request_id, started, decision)
-        return await self._forward(
-            request, config, target, path, raw_query, body, request_id, started
-        )
+        return decision, body
 
     def _deny(self, request_id: str, started: float, decision: Decision) -> web.Response:
         response = error_response(
@@ -174,67 +218,79 @@ class Forwarder:
         )
         return response
 
-    def _refuse(
-        self,
-        request_id: str,
-        started: float,
-        status: int,
-        error: str,
-        reason: str,
-        rule: str | None,
-    ) -> web.Response:
-        """A refusal that is not a policy decision (bad input, unknown target, timeouts)."""
-        response = error_response(status, error, reason, request_id=request_id)
+    def _refuse(self, request_id: str, started: float, refusal: Refusal) -> web.Response:
+        """A refusal that is not a policy decision (bad input, identity, limits, credentials)."""
+        response = error_response(
+            refusal.status, refusal.error, refusal.reason, request_id=request_id
+        )
         response.headers["X-Sluice-Request-Id"] = request_id
+        response.headers.update(refusal.headers)
         self.bus.publish(
             "request.completed",
             request_id=request_id,
-            status=status,
-            decision="refused",
-            rule=rule,
-            code=error,
-            reason=reason,
+            status=refusal.status,
+            decision=refusal.decision,
+            rule=refusal.rule,
+            code=refusal.error,
+            reason=refusal.reason,
             bytes_out=len(response.body),
             duration_ms=_ms(started),
         )
         return response
+
+    async def _credential(
+        self, config: Config, target: TargetModel, identity: Identity
+    ) -> Injected | None:
+        if not target.credential:
+            return None
+        provider = self.gate.credentials(config)[target.credential]
+        try:
+            return await provider.obtain(identity, target.name)
+        except CredentialUnavailable as exc:
+            log.warning("%s", exc)
+            raise Refusal(
+                503,
+                "credential_unavailable",
+                f"the credential for target {target.name} cannot be obtained",
+            ) from None
 
     async def _forward(
         self,
         request: web.Request,
         config: Config,
         target: TargetModel,
+        identity: Identity,
         path: str,
         raw_query: str,
         body: bytes | None,
         request_id: str,
         started: float,
     ) -> web.StreamResponse:
-        upstream_url = _upstream_url(target.upstream, path, raw_query)
-        headers = request_headers_for_upstream(request.headers.items())
-        peer = request.remote or "unknown"
+        limits = config.limits
+        injected = await self._credential(config, target, identity)
+        drop = {injected.header.lower()} if injected else set()
+        headers = request_headers_for_upstream(request.headers.items(), also_drop=drop)
         headers += forwarded_headers(
-            client_ip=peer, host=request.host, scheme=request.scheme, request_id=request_id
+            client_ip=request.remote or "unknown",
+            host=request.host,
+            scheme=request.scheme,
+            request_id=request_id,
         )
+        if injected is not None:
+            headers.append((injected.header, injected.value))
         if target.preserve_host:
             headers.append(("Host", request.host))
-        limits = config.limits
-        data: bytes | AsyncIterator[bytes] | None = body
-        if body is None and request.body_exists:
+        data: object = body
+        if body is not None:
+            headers.append(("Content-Length", str(len(body))))
+        elif request.body_exists:
             if request.content_length is not None:
                 if request.content_length > limits.max_body_size:
-                    return self._refuse(
-                        request_id,
-                        started,
-                        413,
-                        "body_too_large",
-                        f"request body exceeds {limits.max_body_size} bytes",
-                        None,
+                    raise Refusal(
+                        413, "body_too_large", f"request body exceeds {limits.max_body_size} bytes"
                     )
                 headers.append(("Content-Length", str(request.content_length)))
-            data = _stream_body(request, limits.max_body_size, limits.body_timeout)
-        elif body is not None:
-            headers.append(("Content-Length", str(len(body))))
+            data = stream_body(request, limits.max_body_size, limits.body_timeout)
         timeout = aiohttp.ClientTimeout(
             total=None, connect=limits.upstream_connect_timeout, sock_read=limits.upstream_timeout
         )
@@ -243,7 +299,7 @@ class Forwarder:
         try:
             upstream = await self.session.request(
                 request.method,
-                upstream_url,
+                upstream_url(target.upstream, path, raw_query),
                 headers=headers,
                 data=data,
                 allow_redirects=False,
@@ -251,171 +307,12 @@ class Forwarder:
                 skip_auto_headers=("User-Agent",),
             )
         except BodyTooLarge:
-            return self._refuse(
-                request_id,
-                started,
-                413,
-                "body_too_large",
-                f"request body exceeds {limits.max_body_size} bytes",
-                None,
-            )
+            raise Refusal(
+                413, "body_too_large", f"request body exceeds {limits.max_body_size} bytes"
+            ) from None
         except Exception as exc:
-            failure = _classify_upstream_error(exc)
-            return self._upstream_failed(request_id, started, target.name, failure)
+            return self.relay.failed(request_id, started, target.name, classify_upstream_error(exc))
         try:
-            return await self._relay(request, upstream, request_id, started, upstream_started)
+            return await self.relay.relay(request, upstream, request_id, started, upstream_started)
         finally:
             upstream.release()
-
-    async def _relay(
-        self,
-        request: web.Request,
-        upstream: aiohttp.ClientResponse,
-        request_id: str,
-        started: float,
-        upstream_started: float,
-    ) -> web.StreamResponse:
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-        for name, value in response_headers_for_agent(
-            (k.decode("latin-1"), v.decode("latin-1")) for k, v in upstream.raw_headers
-        ):
-            response.headers.add(name, value)
-        response.headers["X-Sluice-Request-Id"] = request_id
-        if upstream.content_length is not None and "Transfer-Encoding" not in upstream.headers:
-            response.content_length = upstream.content_length
-        self.bus.publish(
-            "request.response_started",
-            request_id=request_id,
-            status=upstream.status,
-            upstream_ms=round((time.perf_counter() - upstream_started) * 1000, 3),
-        )
-        sent = 0
-        try:
-            await response.prepare(request)
-            async for chunk in upstream.content.iter_chunked(CHUNK):
-                await response.write(chunk)
-                sent += len(chunk)
-            await response.write_eof()
-        except (ConnectionResetError, aiohttp.ClientConnectionResetError) as exc:
-            return self._broken(
-                request, response, request_id, started, sent, "client_gone", type(exc).__name__
-            )
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            failure = _classify_upstream_error(exc)
-            return self._broken(
-                request, response, request_id, started, sent, failure.kind, failure.reason
-            )
-        self.bus.publish(
-            "request.completed",
-            request_id=request_id,
-            status=upstream.status,
-            decision="allowed",
-            bytes_out=sent,
-            duration_ms=_ms(started),
-        )
-        return response
-
-    def _broken(
-        self,
-        request: web.Request,
-        response: web.StreamResponse,
-        request_id: str,
-        started: float,
-        sent: int,
-        kind: str,
-        reason: str,
-    ) -> web.StreamResponse:
-        """Mid-body failure: the status line is gone, so cut the connection rather than
-        let a truncated body look complete."""
-        if request.transport is not None:
-            request.transport.close()
-        self.bus.publish(
-            "request.failed",
-            request_id=request_id,
-            status=response.status,
-            decision="allowed",
-            error=reason,
-            upstream_error=kind,
-            bytes_out=sent,
-            duration_ms=_ms(started),
-        )
-        return response
-
-    def _upstream_failed(
-        self, request_id: str, started: float, target: str, failure: UpstreamFailure
-    ) -> web.Response:
-        response = error_response(
-            failure.status, failure.kind, failure.reason, request_id=request_id
-        )
-        response.headers["X-Sluice-Request-Id"] = request_id
-        self.bus.publish(
-            "request.failed",
-            request_id=request_id,
-            status=failure.status,
-            decision="allowed",
-            target=target,
-            error=failure.reason,
-            upstream_error=failure.kind,
-            bytes_out=len(response.body),
-            duration_ms=_ms(started),
-        )
-        return response
-
-
-TARGET_KEY = web.AppKey("sluice_fixed_target", str)
-
-
-def _label(decision: Decision) -> str:
-    return {Action.ALLOW: "allowed", Action.DENY: "denied", Action.APPROVE: "held"}[decision.action]
-
-
-def _with_body(facts: Facts, body: bytes) -> Facts:
-    from dataclasses import replace
-
-    return replace(facts, body=body)
-
-
-def _ms(started: float) -> float:
-    return round((time.perf_counter() - started) * 1000, 3)
-
-
-def _upstream_url(upstream: str, path: str, raw_query: str) -> URL:
-    base = URL(upstream)
-    encoded_path = URL.build(path=path).raw_path
-    prefix = base.raw_path.rstrip("/")
-    return URL.build(
-        scheme=base.scheme,
-        host=base.raw_host or "",
-        port=base.explicit_port,
-        path=prefix + encoded_path,
-        query_string=raw_query,
-        encoded=True,
-    )
-
-
-async def _stream_body(request: web.Request, limit: int, deadline: float) -> AsyncIterator[bytes]:
-    """The agent's body, streamed upstream, cut off past ``limit`` or ``deadline``."""
-    received = 0
-    async with asyncio.timeout(deadline):
-        async for chunk in request.content.iter_chunked(CHUNK):
-            received += len(chunk)
-            if received > limit:
-                raise BodyTooLarge
-            yield chunk
-
-
-def _classify_upstream_error(exc: BaseException) -> UpstreamFailure:
-    if isinstance(exc, (TimeoutError, aiohttp.ServerTimeoutError)):
-        return UpstreamFailure(504, "upstream_timeout", "the upstream did not answer in time")
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return UpstreamFailure(502, "upstream_unreachable", "the upstream refused the connection")
-    if isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)):
-        return UpstreamFailure(502, "upstream_reset", "the upstream closed the connection")
-    if isinstance(exc, aiohttp.ClientPayloadError):
-        return UpstreamFailure(502, "upstream_bad_response", "the upstream sent a broken body")
-    if isinstance(exc, aiohttp.ClientResponseError):
-        return UpstreamFailure(
-            502, "upstream_bad_response", "the upstream sent a malformed response"
-        )
-    log.warning("unexpected upstream error: %s", type(exc).__name__)
-    return UpstreamFailure(502, "upstream_error", "the upstream request failed")

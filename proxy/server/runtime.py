@@ -21,6 +21,7 @@ from proxy.reload import ConfigHolder, watch_config
 from proxy.server.admin import AdminApi
 from proxy.server.forwarder import TARGET_KEY, Forwarder
 from proxy.server.guard import GuardedAppRunner, assert_c_parser, install_log_redaction
+from proxy.server.identity_http import HttpFetcher, IdentityGate
 from proxy.state import ensure_state_dir, load_or_create_admin_token
 
 log = logging.getLogger("sluice.runtime")
@@ -60,6 +61,8 @@ class ProxyRuntime:
         self._stop_watch = asyncio.Event()
         self._watch_task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
+        self._fetch_session: aiohttp.ClientSession | None = None
+        self.gate: IdentityGate | None = None
         self.admin: AdminApi | None = None
         self.forwarder: Forwarder | None = None
 
@@ -83,7 +86,13 @@ class ProxyRuntime:
             trust_env=False,
             cookie_jar=aiohttp.DummyCookieJar(),
         )
-        self.forwarder = Forwarder(self.holder, self.bus, self._session)
+        # Identity providers and token endpoints get their own session: JSON, decompressed.
+        self._fetch_session = aiohttp.ClientSession(
+            trust_env=False, cookie_jar=aiohttp.DummyCookieJar()
+        )
+        self.gate = IdentityGate(self.state_dir, HttpFetcher(self._fetch_session))
+        self.gate.verifier(config)  # create the local signing key (or fail) before listening
+        self.forwarder = Forwarder(self.holder, self.bus, self._session, self.gate)
         guard: dict[str, Any] = {
             "header_timeout": limits.header_timeout,
             "max_header_bytes": limits.max_header_size * 2,
@@ -179,8 +188,9 @@ class ProxyRuntime:
             self._watch_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._watch_task
-        if self._session is not None:
-            await self._session.close()
+        for session in (self._session, self._fetch_session):
+            if session is not None:
+                await session.close()
 
 
 async def _start_site(runner: web.AppRunner, address: str) -> str:

@@ -1,0 +1,181 @@
+"""Send an allowed request upstream and stream the answer back, bounded in memory.
+
+Upstream bytes are never decompressed in transit, so ``Content-Encoding`` and
+``Content-Length`` keep describing the bytes actually sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+from yarl import URL
+
+from proxy.events import EventBus
+from proxy.headers import response_headers_for_agent
+from proxy.server.guard import error_response
+from proxy.server.requestcheck import BodyTooLarge
+
+log = logging.getLogger("sluice.relay")
+CHUNK = 256 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamFailure:
+    status: int
+    kind: str
+    reason: str
+
+
+def upstream_url(upstream: str, path: str, raw_query: str) -> URL:
+    """The target's base URL plus the (already checked) path, re-encoded once."""
+    base = URL(upstream)
+    encoded_path = URL.build(path=path).raw_path
+    prefix = base.raw_path.rstrip("/")
+    return URL.build(
+        scheme=base.scheme,
+        host=base.raw_host or "",
+        port=base.explicit_port,
+        path=prefix + encoded_path,
+        query_string=raw_query,
+        encoded=True,
+    )
+
+
+async def stream_body(request: web.Request, limit: int, deadline: float) -> AsyncIterator[bytes]:
+    """The agent's body, streamed upstream, cut off past ``limit`` bytes or ``deadline``."""
+    received = 0
+    async with asyncio.timeout(deadline):
+        async for chunk in request.content.iter_chunked(CHUNK):
+            received += len(chunk)
+            if received > limit:
+                raise BodyTooLarge
+            yield chunk
+
+
+def classify_upstream_error(exc: BaseException) -> UpstreamFailure:
+    if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
+        return UpstreamFailure(504, "upstream_timeout", "the upstream did not answer in time")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return UpstreamFailure(502, "upstream_unreachable", "the upstream refused the connection")
+    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError):
+        return UpstreamFailure(502, "upstream_reset", "the upstream closed the connection")
+    if isinstance(exc, aiohttp.ClientPayloadError | aiohttp.ClientResponseError):
+        return UpstreamFailure(
+            502, "upstream_bad_response", "the upstream sent a malformed response"
+        )
+    log.warning("unexpected upstream error: %s", type(exc).__name__)
+    return UpstreamFailure(502, "upstream_error", "the upstream request failed")
+
+
+def _ms(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 3)
+
+
+class Relay:
+    """Streams one upstream response to the agent and reports how it ended."""
+
+    def __init__(self, bus: EventBus) -> None:
+        self.bus = bus
+
+    async def relay(
+        self,
+        request: web.Request,
+        upstream: aiohttp.ClientResponse,
+        request_id: str,
+        started: float,
+        upstream_started: float,
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        for name, value in response_headers_for_agent(
+            (k.decode("latin-1"), v.decode("latin-1")) for k, v in upstream.raw_headers
+        ):
+            response.headers.add(name, value)
+        response.headers["X-Sluice-Request-Id"] = request_id
+        if upstream.content_length is not None and "Transfer-Encoding" not in upstream.headers:
+            response.content_length = upstream.content_length
+        self.bus.publish(
+            "request.response_started",
+            request_id=request_id,
+            status=upstream.status,
+            upstream_ms=_ms(upstream_started),
+        )
+        sent = 0
+        try:
+            await response.prepare(request)
+            async for chunk in upstream.content.iter_chunked(CHUNK):
+                await response.write(chunk)
+                sent += len(chunk)
+            await response.write_eof()
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError) as exc:
+            return self._broken(
+                request,
+                response,
+                request_id,
+                started,
+                sent,
+                UpstreamFailure(499, "client_gone", type(exc).__name__),
+            )
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            return self._broken(
+                request, response, request_id, started, sent, classify_upstream_error(exc)
+            )
+        self.bus.publish(
+            "request.completed",
+            request_id=request_id,
+            status=upstream.status,
+            decision="allowed",
+            bytes_out=sent,
+            duration_ms=_ms(started),
+        )
+        return response
+
+    def _broken(
+        self,
+        request: web.Request,
+        response: web.StreamResponse,
+        request_id: str,
+        started: float,
+        sent: int,
+        failure: UpstreamFailure,
+    ) -> web.StreamResponse:
+        """Mid-body failure: the status line is gone, so cut the connection rather than
+        let a truncated body look complete."""
+        if request.transport is not None:
+            request.transport.close()
+        self.bus.publish(
+            "request.failed",
+            request_id=request_id,
+            status=response.status,
+            decision="allowed",
+            error=failure.reason,
+            upstream_error=failure.kind,
+            bytes_out=sent,
+            duration_ms=_ms(started),
+        )
+        return response
+
+    def failed(
+        self, request_id: str, started: float, target: str, failure: UpstreamFailure
+    ) -> web.Response:
+        response = error_response(
+            failure.status, failure.kind, failure.reason, request_id=request_id
+        )
+        response.headers["X-Sluice-Request-Id"] = request_id
+        self.bus.publish(
+            "request.failed",
+            request_id=request_id,
+            status=failure.status,
+            decision="allowed",
+            target=target,
+            error=failure.reason,
+            upstream_error=failure.kind,
+            bytes_out=len(response.body),
+            duration_ms=_ms(started),
+        )
+        return response
