@@ -186,6 +186,7 @@ class CommandCredentialModel(_CredentialBase):
     ttl: Duration = 300.0
 
 
+CREDENTIAL_KINDS = frozenset({"static", "jwt", "oauth2_client_credentials", "command"})
 CredentialModel = Annotated[
     StaticCredentialModel | JwtCredentialModel | OAuth2CredentialModel | CommandCredentialModel,
     Field(discriminator="kind"),
@@ -275,6 +276,8 @@ def _pydantic_issues(exc: ValidationError, file: str, lines: KeyLines) -> list[C
     issues = []
     for error in exc.errors():
         loc = tuple(part for part in error["loc"] if not str(part).startswith("function-"))
+        if len(loc) >= 3 and loc[0] == "credentials" and loc[2] in CREDENTIAL_KINDS:
+            loc = (*loc[:2], *loc[3:])  # pydantic names the union member; the file does not
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
             message = "unknown key"
@@ -363,7 +366,9 @@ def load_config_text(text: str, path: Path) -> Config:
         data: dict[str, Any] = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         line = getattr(exc, "lineno", None)
-        message = getattr(exc, "msg", str(exc))
+        if line is None and (found := re.search(r"at line (\d+)", str(exc))):
+            line = int(found.group(1))  # Python < 3.14 keeps the line only in the message
+        message = getattr(exc, "msg", re.sub(r"\s*\(at line \d+, column \d+\)", "", str(exc)))
         raise ConfigError([ConfigIssue(file, line, "", f"invalid TOML: {message}")]) from None
     lines = KeyLines(text)
     try:
@@ -378,7 +383,7 @@ def load_config_text(text: str, path: Path) -> Config:
             max_body_inspect=model.limits.max_body_inspect,
         )
     except PolicyError as exc:
-        loc = ("rules", exc.index, exc.field)
+        loc = ("rules", exc.index, *exc.field.split("."))
         issues.append(ConfigIssue(file, lines.line_of(loc), _where(loc), exc.message))
     if issues or policy is None:
         raise ConfigError(issues)

@@ -88,6 +88,10 @@ class EventBus:
 
     def since(self, seq: int) -> tuple[list[Event], bool]:
         """Events after ``seq`` still held, and whether some were already forgotten."""
+        if seq > self.last_seq:
+            # A seq from the future: the client saw another run of the proxy (a restart).
+            # Everything this run holds is new to it, and what it missed is a gap.
+            return list(self._ring), True
         events = [event for event in self._ring if event.seq > seq]
         oldest = self._ring[0].seq if self._ring else self.last_seq + 1
         return events, seq + 1 < oldest and seq < self.last_seq

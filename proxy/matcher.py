@@ -8,7 +8,6 @@ and ``path:**/.env`` in the filter bar mean exactly the same thing.
 from __future__ import annotations
 
 import re
-import shlex
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -302,24 +301,20 @@ def parse_filter(text: str) -> Matcher:
     Values separated by commas are alternatives; a leading ``!`` negates a term; a bare word
     matches paths containing it. Errors carry the offending term's position for inline display.
     """
-    try:
-        tokens = shlex.split(text)
-    except ValueError as exc:
-        raise MatcherError("", f"unbalanced quotes ({exc})", 0) from None
+    tokens = _tokenize(text)
     predicates: list[Predicate] = []
     body: re.Pattern[bytes] | None = None
     negated_body = False
     names: list[str] = []
-    for token in tokens:
-        position = max(text.find(token), 0)
+    for position, token in tokens:
         negate = token.startswith("!")
         term = token[1:] if negate else token
         name, sep, raw = _split_term(term)
         if not sep:
-            name, raw = "path", f"**/*{_escape_glob(term)}*"
-            raw_values: object = raw
-        else:
-            raw_values = raw.split(",") if name not in ("body", "query", "header") else raw
+            predicates.append(_substring(term, negate))
+            names.append("path")
+            continue
+        raw_values: object = raw.split(",") if name not in ("body", "query", "header") else raw
         try:
             if name == "body":
                 body, negated_body = compile_body(raw_values), negate
@@ -338,6 +333,32 @@ def parse_filter(text: str) -> Matcher:
     return Matcher(tuple(predicates), body, negated_body, tuple(names))
 
 
+_TOKEN = re.compile(r"""(?:[^\s"']+|"[^"]*"|'[^']*')+""")
+
+
+def _tokenize(text: str) -> list[tuple[int, str]]:
+    """Whitespace-separated terms with their start offsets; quotes group and are removed."""
+    tokens: list[tuple[int, str]] = []
+    end = 0
+    for match in _TOKEN.finditer(text):
+        gap = text[end : match.start()]
+        if gap.strip():
+            raise MatcherError("", "unbalanced quotes", end + len(gap) - len(gap.lstrip()))
+        tokens.append((match.start(), re.sub(r"""(["'])(.*?)\1""", r"\2", match.group())))
+        end = match.end()
+    rest = text[end:]
+    if rest.strip():
+        raise MatcherError("", "unbalanced quotes", end + len(rest) - len(rest.lstrip()))
+    return tokens
+
+
+def _substring(word: str, negate: bool) -> Predicate:
+    """A bare word in the filter bar: paths containing it (the quick search people expect)."""
+    if negate:
+        return lambda facts: word not in facts.path
+    return lambda facts: word in facts.path
+
+
 def _split_term(term: str) -> tuple[str, str, str]:
     for index, char in enumerate(term):
         if char in ":=":
@@ -345,10 +366,6 @@ def _split_term(term: str) -> tuple[str, str, str]:
         if not (char.isalnum() or char in "._-"):
             break
     return term, "", ""
-
-
-def _escape_glob(text: str) -> str:
-    return re.sub(r"([*?\[\]])", r"[\1]", text)
 
 
 def _negate(predicate: Predicate) -> Predicate:

@@ -41,7 +41,12 @@ def write_private_file(path: Path, data: bytes) -> None:
 
 
 def read_private_file(path: Path) -> bytes:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as exc:
+        if path.is_symlink():
+            raise StateError(f"{path} is a symlink; refusing to read it") from None
+        raise StateError(f"cannot read {path}: {exc.strerror}") from None
     try:
         info = os.fstat(fd)
         if info.st_mode & 0o077:

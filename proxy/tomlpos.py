@@ -23,6 +23,36 @@ def _split_key(text: str) -> list[str]:
     return [part.strip("\"'") for part in _PART.findall(text)]
 
 
+_TRIPLES = ('""' + '"', "''" + "'")
+
+
+def _opens_multiline(value: str) -> str | None:
+    """The delimiter of a multi-line string left open at the end of this value, if any.
+
+    Walks the value quote by quote so a triple quote inside a one-line string or a
+    comment does not count.
+    """
+    index = 0
+    while index < len(value):
+        char = value[index]
+        if char == "#":
+            return None
+        triple = next((t for t in _TRIPLES if value.startswith(t, index)), None)
+        if triple is not None:
+            end = value.find(triple, index + 3)
+            if end < 0:
+                return triple
+            index = end + 3
+        elif char in "\"'":
+            end = index + 1
+            while end < len(value) and value[end] != char:
+                end += 2 if char == '"' and value[end] == "\\" else 1
+            index = end + 1
+        else:
+            index += 1
+    return None
+
+
 class KeyLines:
     """Line numbers (1-based) of every table header and key in one TOML document."""
 
@@ -52,10 +82,7 @@ class KeyLines:
                 continue
             if match := _KEY.match(line):
                 self._lines.setdefault((*current, *_split_key(match.group(1))), number)
-                rest = line[match.end() :]
-                for quote in ('"""', "'''"):
-                    if rest.count(quote) % 2 == 1:
-                        in_multiline = quote
+                in_multiline = _opens_multiline(line[match.end() :])
 
     @staticmethod
     def _resolve_table(name: tuple[str, ...], counts: dict[tuple[str, ...], int]) -> Loc:

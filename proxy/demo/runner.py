@@ -61,8 +61,7 @@ def _agent_token(config: Config, state_dir: Path) -> str | None:
     from proxy.identity.local import LocalIssuer
 
     issuer = LocalIssuer(state_dir, issuer=identity.effective_issuer, audience=identity.audience)
-    print("  agent identity demo-agent (groups: agents), token from the local issuer",
-          flush=True)
+    print("  agent identity demo-agent (groups: agents), token from the local issuer", flush=True)
     return issuer.issue("demo-agent", ["agents"], 3600, groups_claim=identity.groups_claim)
 
 

@@ -11,6 +11,8 @@ import base64
 import binascii
 import hashlib
 import re
+import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +20,7 @@ from typing import Any
 import jwt
 
 MAX_KID_LENGTH = 128
+MAX_CACHED_TOKENS = 4096
 _KID = re.compile(r"^[A-Za-z0-9._:+/=-]{1,128}$")
 ASYMMETRIC_ALGORITHMS = frozenset(
     {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
@@ -127,6 +130,7 @@ class TokenVerifier:
         groups_claim: str = "groups",
         leeway: float = 30.0,
         max_token_size: int = 8192,
+        cache_seconds: float = 60.0,
     ) -> None:
         algorithms = list(algorithms)
         if not algorithms or not set(algorithms) <= ASYMMETRIC_ALGORITHMS:
@@ -138,8 +142,24 @@ class TokenVerifier:
         self.groups_claim = groups_claim
         self.leeway = leeway
         self.max_token_size = max_token_size
+        self.cache_seconds = cache_seconds
+        self._verified: OrderedDict[str, tuple[Identity, float]] = OrderedDict()
 
     async def verify(self, token: str) -> Identity:
+        """A verified token is remembered until its exp (at most ``cache_seconds``), so a
+        busy agent pays for one signature check, not one per request."""
+        now = time.time()
+        hit = self._verified.get(token)
+        if hit is not None and now < hit[1]:
+            return hit[0]
+        identity = await self._verify(token)
+        if identity.expires_at is not None:
+            self._verified[token] = (identity, min(identity.expires_at, now + self.cache_seconds))
+            if len(self._verified) > MAX_CACHED_TOKENS:
+                self._verified.popitem(last=False)
+        return identity
+
+    async def _verify(self, token: str) -> Identity:
         if len(token) > self.max_token_size:
             raise IdentityError("token is too large")
         try:

@@ -155,7 +155,7 @@ class AdminApi:
                     await response.write(_sse("stream.gap", {"since": since, "seq": None}))
                 for event in replay:
                     await response.write(_sse_event(event))
-                last = replay[-1].seq if replay else since
+                last = replay[-1].seq if replay else min(since, self.bus.last_seq)
             await response.write(_sse("stream.ready", {"last_seq": self.bus.last_seq}))
             await self._pump(response, subscription, last)
         except (ConnectionResetError, asyncio.CancelledError):
