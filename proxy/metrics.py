@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from proxy.events import Event
@@ -11,7 +13,7 @@ _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5
 
 
 class ProxyMetrics:
-    def __init__(self) -> None:
+    def __init__(self, in_flight: Callable[[], float] | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             "sluice_requests",
@@ -38,6 +40,8 @@ class ProxyMetrics:
         self.in_flight = Gauge(
             "sluice_requests_in_flight", "Requests being handled", registry=self.registry
         )
+        if in_flight is not None:
+            self.in_flight.set_function(in_flight)
 
     def observe(self, event: Event) -> None:
         data = event.data

@@ -25,7 +25,7 @@ from proxy.policy import NEEDS_BODY, Action, Decision
 from proxy.reload import ConfigHolder
 from proxy.server.guard import error_response
 from proxy.server.identity_http import IdentityGate
-from proxy.server.relay import Relay, classify_upstream_error, stream_body, upstream_url
+from proxy.server.relay import AgentBody, Relay, classify_upstream_error, upstream_url
 from proxy.server.requestcheck import BadRequest, BodyTooLarge, check_request, read_bounded
 
 log = logging.getLogger("sluice.forwarder")
@@ -281,6 +281,7 @@ class Forwarder:
         if target.preserve_host:
             headers.append(("Host", request.host))
         data: object = body
+        agent_body: AgentBody | None = None
         if body is not None:
             headers.append(("Content-Length", str(len(body))))
         elif request.body_exists:
@@ -290,7 +291,8 @@ class Forwarder:
                         413, "body_too_large", f"request body exceeds {limits.max_body_size} bytes"
                     )
                 headers.append(("Content-Length", str(request.content_length)))
-            data = stream_body(request, limits.max_body_size, limits.body_timeout)
+            agent_body = AgentBody(request, limits.max_body_size, limits.body_timeout)
+            data = agent_body.chunks()
         timeout = aiohttp.ClientTimeout(
             total=None, connect=limits.upstream_connect_timeout, sock_read=limits.upstream_timeout
         )
@@ -306,11 +308,15 @@ class Forwarder:
                 timeout=timeout,
                 skip_auto_headers=("User-Agent",),
             )
-        except BodyTooLarge:
-            raise Refusal(
-                413, "body_too_large", f"request body exceeds {limits.max_body_size} bytes"
-            ) from None
         except Exception as exc:
+            if agent_body is not None and agent_body.fault == "too_large":
+                raise Refusal(
+                    413, "body_too_large", f"request body exceeds {limits.max_body_size} bytes"
+                ) from None
+            if agent_body is not None and agent_body.fault == "timeout":
+                raise Refusal(
+                    408, "body_timeout", "request body was not received in time"
+                ) from None
             return self.relay.failed(request_id, started, target.name, classify_upstream_error(exc))
         try:
             return await self.relay.relay(request, upstream, request_id, started, upstream_started)

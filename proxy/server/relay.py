@@ -47,15 +47,32 @@ def upstream_url(upstream: str, path: str, raw_query: str) -> URL:
     )
 
 
-async def stream_body(request: web.Request, limit: int, deadline: float) -> AsyncIterator[bytes]:
-    """The agent's body, streamed upstream, cut off past ``limit`` bytes or ``deadline``."""
-    received = 0
-    async with asyncio.timeout(deadline):
-        async for chunk in request.content.iter_chunked(CHUNK):
-            received += len(chunk)
-            if received > limit:
-                raise BodyTooLarge
-            yield chunk
+class AgentBody:
+    """The agent's body streamed upstream, cut off past ``limit`` bytes or ``deadline``.
+
+    aiohttp's client wraps whatever the upload generator raises, so the reason the upload
+    stopped is kept here, where the forwarder can tell an agent fault from an upstream one.
+    """
+
+    def __init__(self, request: web.Request, limit: int, deadline: float) -> None:
+        self.request = request
+        self.limit = limit
+        self.deadline = deadline
+        self.fault: str | None = None  # "too_large" | "timeout"
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        received = 0
+        try:
+            async with asyncio.timeout(self.deadline):
+                async for chunk in self.request.content.iter_chunked(CHUNK):
+                    received += len(chunk)
+                    if received > self.limit:
+                        self.fault = "too_large"
+                        raise BodyTooLarge
+                    yield chunk
+        except TimeoutError:
+            self.fault = "timeout"
+            raise
 
 
 def classify_upstream_error(exc: BaseException) -> UpstreamFailure:

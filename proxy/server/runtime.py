@@ -53,7 +53,9 @@ class ProxyRuntime:
         self.holder = ConfigHolder(self.config)
         self.bus = EventBus(self.config.events.buffer)
         self.flows = FlowTable(self.config.events.flows)
-        self.metrics = ProxyMetrics()
+        self.metrics = ProxyMetrics(
+            in_flight=lambda: self.forwarder.in_flight if self.forwarder else 0
+        )
         self.bus.add_listener(self.flows.apply)
         self.bus.add_listener(self.metrics.observe)
         self.listeners: list[Listener] = []
@@ -105,7 +107,8 @@ class ProxyRuntime:
             "max_headers": limits.max_headers,
             "access_log": None,
             "handle_signals": False,
-            "shutdown_timeout": config.proxy.drain_timeout,
+            # The drain itself is bounded by _drain(); this only cuts what is left after it.
+            "shutdown_timeout": 0.1,
         }
         main = self._proxy_app(None, limits.max_body_size)
         await self._listen(
@@ -173,12 +176,25 @@ class ProxyRuntime:
             "dropped_subscribers": self.bus.dropped_subscribers,
         }
 
+    async def _drain(self) -> None:
+        """Close every agent listener first, end keep-alive, then wait (bounded) for
+        in-flight requests; whatever still runs after ``drain_timeout`` is cut."""
+        for listener in self.listeners:
+            for site in list(listener.runner.sites):
+                await site.stop()
+            if listener.runner.server is not None:
+                listener.runner.server.pre_shutdown()
+        if self.forwarder is not None and self.forwarder.in_flight:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.forwarder.idle.wait(), self.config.proxy.drain_timeout)
+
     async def stop(self) -> None:
         """Stop accepting, drain in-flight requests for a bounded time, then close."""
         self._stop_watch.set()
         self.bus.publish(
             "proxy.stopping", in_flight=self.forwarder.in_flight if self.forwarder else 0
         )
+        await self._drain()
         for listener in self.listeners:
             await listener.runner.cleanup()
         if self.admin is not None:
