@@ -14,26 +14,6 @@ from proxy.events import Event
 from proxy.matcher import Facts
 
 FLOW_EVENT_PREFIX = "request."
-_FLOW_FIELDS = (
-    "method",
-    "target",
-    "path",
-    "query",
-    "host",
-    "subject",
-    "session",
-    "client",
-    "decision",
-    "rule",
-    "reason",
-    "code",
-    "status",
-    "bytes_in",
-    "bytes_out",
-    "duration_ms",
-    "upstream_ms",
-    "error",
-)
 
 
 class FlowTable:
@@ -52,9 +32,7 @@ class FlowTable:
             self._flows[request_id] = flow
             while len(self._flows) > self.capacity:
                 self._flows.popitem(last=False)
-        for key in _FLOW_FIELDS:
-            if key in event.data:
-                flow[key] = event.data[key]
+        flow.update(event.data)
         flow["state"] = event.type.removeprefix(FLOW_EVENT_PREFIX)
         flow["seq"] = event.seq
         return flow

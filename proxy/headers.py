@@ -40,6 +40,9 @@ def connection_tokens(pairs: Pairs) -> frozenset[str]:
 AGENT_CREDENTIALS = frozenset({"authorization"})
 
 
+_ALWAYS_DROPPED = HOP_BY_HOP | FRAMING | CLIENT_FORGEABLE | AGENT_CREDENTIALS
+
+
 def request_headers_for_upstream(
     pairs: Pairs, also_drop: Iterable[str] = ()
 ) -> list[tuple[str, str]]:
@@ -49,14 +52,10 @@ def request_headers_for_upstream(
     agent can never supply or override them.
     """
     pairs = list(pairs)
-    drop = (
-        HOP_BY_HOP
-        | connection_tokens(pairs)
-        | FRAMING
-        | CLIENT_FORGEABLE
-        | AGENT_CREDENTIALS
-        | {name.lower() for name in also_drop}
-    )
+    drop = _ALWAYS_DROPPED
+    extra = connection_tokens(pairs) | {name.lower() for name in also_drop}
+    if extra:
+        drop = drop | extra
     return [
         (name, value)
         for name, value in pairs

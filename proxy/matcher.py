@@ -7,9 +7,11 @@ and ``path:**/.env`` in the filter bar mean exactly the same thing.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from urllib.parse import parse_qsl
 
 from wcmatch import fnmatch, glob
 
@@ -124,15 +126,51 @@ def _check_brackets(field_name: str, pattern: str) -> None:
         raise MatcherError(field_name, f"unclosed '[' in glob {pattern!r}")
 
 
+def _normalise_path_glob(field_name: str, pattern: str) -> str:
+    _check_brackets(field_name, pattern)
+    return pattern if pattern.startswith(("/", "**")) else "/" + pattern
+
+
 def compile_path_globs(field_name: str, value: object) -> re.Pattern[str]:
     """Path globs: ``*`` stays within a segment, ``**`` spans segments, leading ``/`` implied."""
     patterns = []
     for pattern in _as_list(field_name, value):
-        _check_brackets(field_name, pattern)
-        if not pattern.startswith(("/", "**")):
-            pattern = "/" + pattern
-        patterns.extend(glob.translate(pattern, flags=PATH_FLAGS)[0])
+        patterns.extend(
+            glob.translate(_normalise_path_glob(field_name, pattern), flags=PATH_FLAGS)[0]
+        )
     return re.compile("|".join(patterns))
+
+
+_GLOB_SYNTAX = re.compile(r"\[[^\]]*\]|[*?]")
+
+
+def required_literal(pattern: str) -> str:
+    """The longest literal run every match of a glob must contain ("" if none is safe).
+
+    A cheap ``in`` test on it skips the glob's regex for the many paths that cannot match.
+    """
+    if "\\" in pattern or "{" in pattern:
+        return ""
+    return max(_GLOB_SYNTAX.split(pattern), key=len)
+
+
+def _path_predicate(value: object) -> Predicate:
+    pattern = compile_path_globs("path", value)
+    literals = [
+        required_literal(_normalise_path_glob("path", item)) for item in _as_list("path", value)
+    ]
+    if "" in literals:
+        return lambda facts: pattern.fullmatch(facts.path) is not None
+    hints = tuple(dict.fromkeys(literals))
+
+    def match_path(facts: Facts) -> bool:
+        path = facts.path
+        for hint in hints:
+            if hint in path:
+                return pattern.fullmatch(path) is not None
+        return False
+
+    return match_path
 
 
 def compile_name_globs(field_name: str, value: object, *, nocase: bool) -> re.Pattern[str]:
@@ -193,9 +231,9 @@ def _query_predicate(value: object) -> Predicate:
     return lambda facts: pattern.fullmatch(facts.query) is not None
 
 
+@functools.lru_cache(maxsize=512)
 def _parse_query(query: str) -> dict[str, list[str]]:
-    from urllib.parse import parse_qsl
-
+    """Parsed once per distinct query string, however many rules look at it (read-only)."""
     params: dict[str, list[str]] = {}
     for name, item in parse_qsl(query, keep_blank_values=True):
         params.setdefault(name, []).append(item)
@@ -231,8 +269,7 @@ def _field_predicate(name: str, value: object) -> Predicate:
             facts.target is not None and pattern.fullmatch(facts.target) is not None
         )
     if name == "path":
-        pattern = compile_path_globs(name, value)
-        return lambda facts: pattern.fullmatch(facts.path) is not None
+        return _path_predicate(value)
     if name == "host":
         pattern = compile_name_globs(name, value, nocase=True)
         return lambda facts: pattern.fullmatch(_strip_port(facts.host)) is not None
@@ -281,11 +318,25 @@ def compile_body(value: object) -> re.Pattern[bytes]:
         raise MatcherError("body", f"invalid regular expression: {exc}") from None
 
 
+#: Cheap set lookups first, regexes later: most rules fail on target or method.
+_FIELD_COST = {
+    "target": 0,
+    "method": 0,
+    "groups": 1,
+    "subject": 2,
+    "host": 3,
+    "path": 4,
+    "content_type": 5,
+    "header": 6,
+    "query": 7,
+}
+
+
 def compile_matcher(spec: Mapping[str, object], *, for_policy: bool = True) -> Matcher:
     """Compile a rule's matcher fields; ``for_policy`` refuses fields known only afterwards."""
     predicates: list[Predicate] = []
     body: re.Pattern[bytes] | None = None
-    for name, value in spec.items():
+    for name, value in sorted(spec.items(), key=lambda item: _FIELD_COST.get(item[0], 9)):
         if for_policy and name in FLOW_ONLY_FIELDS:
             raise MatcherError(name, "is only known after the response; rules cannot match on it")
         if name == "body":

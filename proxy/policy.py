@@ -88,6 +88,8 @@ class Policy:
         self.rules = tuple(rules)
         self.max_body_inspect = max_body_inspect
         self.reads_bodies = any(rule.matcher.needs_body for rule in self.rules)
+        #: Building the header map costs; skip it when no rule looks at headers.
+        self.reads_headers = any("header" in rule.matcher.fields for rule in self.rules)
 
     @classmethod
     def from_tables(cls, tables: Sequence[Mapping[str, object]], **kwargs: int) -> Policy:

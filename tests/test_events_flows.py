@@ -207,7 +207,7 @@ def test_flow_table_folds_the_lifecycle() -> None:
     assert flow["status"] == 201
     assert (flow["bytes_in"], flow["bytes_out"], flow["duration_ms"]) == (10, 20, 7.0)
     assert flow["upstream_ms"] == 3.5
-    assert "upstream" not in flow  # only the flow fields are folded in
+    assert flow["upstream"] == "repo"  # every field an event carries is folded in
     assert isinstance(flow["started"], float)
     assert len(table) == 1
 

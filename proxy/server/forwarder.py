@@ -7,6 +7,8 @@ reload swaps in another meanwhile. Every refusal is JSON an agent can act on.
 from __future__ import annotations
 
 import asyncio
+import functools
+import itertools
 import logging
 import secrets
 import time
@@ -26,11 +28,22 @@ from proxy.reload import ConfigHolder
 from proxy.server.guard import error_response
 from proxy.server.identity_http import IdentityGate
 from proxy.server.relay import AgentBody, Relay, classify_upstream_error, upstream_url
-from proxy.server.requestcheck import BadRequest, BodyTooLarge, check_request, read_bounded
+from proxy.server.requestcheck import (
+    BadRequest,
+    BodyTooLarge,
+    RequestTarget,
+    check_request,
+    read_bounded,
+)
 
 log = logging.getLogger("sluice.forwarder")
 TARGET_KEY = web.AppKey("sluice_fixed_target", str)
 _LABELS = {Action.ALLOW: "allowed", Action.DENY: "denied", Action.APPROVE: "held"}
+
+
+@functools.lru_cache(maxsize=16)
+def _client_timeout(connect: float, read: float) -> aiohttp.ClientTimeout:
+    return aiohttp.ClientTimeout(total=None, connect=connect, sock_read=read)
 
 
 def _ms(started: float) -> float:
@@ -68,6 +81,9 @@ class Forwarder:
         self.session = session
         self.gate = gate
         self.relay = Relay(bus)
+        # Request ids: unique per process run, cheap; they are labels, not secrets.
+        self._id_prefix = secrets.token_hex(4)
+        self._ids = itertools.count(1)
         self.in_flight = 0
         self.idle = asyncio.Event()
         self.idle.set()
@@ -76,7 +92,7 @@ class Forwarder:
         self.in_flight += 1
         self.idle.clear()
         started = time.perf_counter()
-        request_id = secrets.token_hex(8)
+        request_id = f"{self._id_prefix}{next(self._ids):08x}"
         config = self.holder.current
         try:
             return await self._process(
@@ -106,11 +122,12 @@ class Forwarder:
             "bytes_in": request.content_length,
         }
         try:
-            target_name, path, raw_query = check_request(request, fixed_target)
+            where = check_request(request, fixed_target)
         except BadRequest as exc:
             bus.publish("request.received", path=request.path, **received)
             raise Refusal(400, "bad_request", exc.reason) from None
-        received.update(target=target_name, path=path, query=raw_query)
+        target_name = where.name
+        received.update(target=target_name, path=where.path, query=where.raw_query)
         identity = await self._authenticate(request, config, received)
         bus.publish("request.received", **received, **identity.to_event())
         target = config.targets.get(target_name) if target_name else None
@@ -120,10 +137,12 @@ class Forwarder:
         facts = Facts(
             method=request.method,
             target=target_name,
-            path=path,
-            query=raw_query,
+            path=where.path,
+            query=where.raw_query,
             host=request.host,
-            headers=headers_for_facts(request.headers.items()),
+            headers=headers_for_facts(request.headers.items())
+            if config.policy.reads_headers
+            else {},
             subject=identity.subject,
             groups=identity.groups,
             content_type=request.headers.get("Content-Type", ""),
@@ -140,7 +159,7 @@ class Forwarder:
         if not decision.allowed:
             return self._deny(request_id, started, decision)
         return await self._forward(
-            request, config, target, identity, path, raw_query, body, request_id, started
+            request, config, target, identity, where, body, request_id, started
         )
 
     async def _authenticate(
@@ -260,8 +279,7 @@ class Forwarder:
         config: Config,
         target: TargetModel,
         identity: Identity,
-        path: str,
-        raw_query: str,
+        where: RequestTarget,
         body: bytes | None,
         request_id: str,
         started: float,
@@ -293,20 +311,17 @@ class Forwarder:
                 headers.append(("Content-Length", str(request.content_length)))
             agent_body = AgentBody(request, limits.max_body_size, limits.body_timeout)
             data = agent_body.chunks()
-        timeout = aiohttp.ClientTimeout(
-            total=None, connect=limits.upstream_connect_timeout, sock_read=limits.upstream_timeout
-        )
+        timeout = _client_timeout(limits.upstream_connect_timeout, limits.upstream_timeout)
         self.bus.publish("request.forwarded", request_id=request_id, upstream=target.name)
         upstream_started = time.perf_counter()
         try:
             upstream = await self.session.request(
                 request.method,
-                upstream_url(target.upstream, path, raw_query),
+                upstream_url(target.upstream, where.raw_path, where.raw_query),
                 headers=headers,
                 data=data,
                 allow_redirects=False,
                 timeout=timeout,
-                skip_auto_headers=("User-Agent",),
             )
         except Exception as exc:
             if agent_body is not None and agent_body.fault == "too_large":

@@ -7,6 +7,7 @@ Upstream bytes are never decompressed in transit, so ``Content-Encoding`` and
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -32,19 +33,16 @@ class UpstreamFailure:
     reason: str
 
 
-def upstream_url(upstream: str, path: str, raw_query: str) -> URL:
-    """The target's base URL plus the (already checked) path, re-encoded once."""
+@functools.lru_cache(maxsize=256)
+def _upstream_base(upstream: str) -> str:
     base = URL(upstream)
-    encoded_path = URL.build(path=path).raw_path
-    prefix = base.raw_path.rstrip("/")
-    return URL.build(
-        scheme=base.scheme,
-        host=base.raw_host or "",
-        port=base.explicit_port,
-        path=prefix + encoded_path,
-        query_string=raw_query,
-        encoded=True,
-    )
+    return str(base.origin()) + base.raw_path.rstrip("/")
+
+
+def upstream_url(upstream: str, raw_path: str, raw_query: str) -> URL:
+    """The target's base URL plus the agent's (already checked) path and query, as sent."""
+    query = f"?{raw_query}" if raw_query else ""
+    return URL(f"{_upstream_base(upstream)}{raw_path}{query}", encoded=True)
 
 
 class AgentBody:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from dataclasses import dataclass
 
 from aiohttp import web
 
@@ -24,8 +25,19 @@ class BodyTooLarge(Exception):
     """The body grew past the limit that applies to it."""
 
 
-def check_request(request: web.Request, fixed_target: str | None) -> tuple[str | None, str, str]:
-    """The target name, the target-relative path and the raw query, or BadRequest."""
+@dataclass(frozen=True, slots=True)
+class RequestTarget:
+    """Where a request goes: the target, the decoded path policy matches, and the same
+    path still percent-encoded exactly as the agent sent it, for the upstream."""
+
+    name: str | None
+    path: str
+    raw_path: str
+    raw_query: str
+
+
+def check_request(request: web.Request, fixed_target: str | None) -> RequestTarget:
+    """Split off the target and refuse ambiguous paths, or raise BadRequest."""
     headers = request.headers
     if "Transfer-Encoding" in headers and "Content-Length" in headers:
         raise BadRequest("Content-Length and Transfer-Encoding together")
@@ -43,10 +55,16 @@ def check_request(request: web.Request, fixed_target: str | None) -> tuple[str |
     if any(segment in (".", "..") for segment in segments) or "\\" in path:
         raise BadRequest("dot segments or backslashes in the path")
     if fixed_target is not None:
-        return fixed_target, path, raw_query
+        return RequestTarget(fixed_target, path, raw_path, raw_query)
+    # No encoded '/' (checked above), so decoded and raw segments correspond one to one.
+    raw_segments = raw_path.split("/")
     name = segments[1] if len(segments) > 1 else ""
-    rest = "/" + "/".join(segments[2:])
-    return (name or None), rest, raw_query
+    return RequestTarget(
+        name or None,
+        "/" + "/".join(segments[2:]),
+        "/" + "/".join(raw_segments[2:]),
+        raw_query,
+    )
 
 
 async def read_bounded(request: web.Request, limit: int, deadline: float) -> bytes:
