@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from proxy.config import Config, ConfigError, default_config_path, load_config, parse_host_port
+from proxy.state import StateError
 from proxy.units import parse_duration
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -133,6 +134,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"invalid config:\n{exc}", file=sys.stderr)
         return EXIT_USAGE
+    try:
+        return _dispatch(config, args)
+    except StateError as exc:
+        print(f"sluice: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _dispatch(config: Config, args: argparse.Namespace) -> int:
     if args.command == "check-config":
         print(
             f"{config.path}: ok ({len(config.targets)} targets, {len(config.policy.rules)} rules)"

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import quote_plus
 
 import jwt
 from cryptography.hazmat.primitives import serialization
@@ -26,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from proxy.identity import Identity
-from proxy.state import ensure_state_dir, read_private_file, write_private_file
+from proxy.state import StateError, ensure_state_dir, read_private_file, write_private_file
 
 log = logging.getLogger("sluice.credentials")
 
@@ -59,14 +60,20 @@ class CredentialProvider(Protocol):
 class _Cached:
     token: str
     expires_at: float
+    renew_at: float = 0.0
+
+    def __post_init__(self) -> None:
+        # Renew a fifth of the lifetime early, at most 30 s early, so even short-lived
+        # tokens are reused for most of their life.
+        lifetime = max(0.0, self.expires_at - time.time())
+        self.renew_at = self.expires_at - min(30.0, lifetime / 5)
 
 
 class _Base:
-    def __init__(self, name: str, header: str, template: str, renew_margin: float) -> None:
+    def __init__(self, name: str, header: str, template: str) -> None:
         self.name = name
         self.header = header
         self.template = template
-        self.renew_margin = renew_margin
         self._cache: dict[Any, _Cached] = {}
         self._locks: dict[Any, asyncio.Lock] = {}
 
@@ -76,14 +83,14 @@ class _Base:
         return Injected(self.header, self.template.replace("{token}", token), token)
 
     async def _cached(self, key: Any, fetch: Callable[[], Awaitable[_Cached]]) -> Injected:
-        """Reuse a token until ``renew_margin`` before it expires; one fetch per key at once."""
+        """Reuse a token until shortly before it expires; one fetch per key at once."""
         entry = self._cache.get(key)
-        if entry is not None and time.time() < entry.expires_at - self.renew_margin:
+        if entry is not None and time.time() < entry.renew_at:
             return self._wrap(entry.token)
         lock = self._locks.setdefault(key, asyncio.Lock())
         async with lock:
             entry = self._cache.get(key)
-            if entry is None or time.time() >= entry.expires_at - self.renew_margin:
+            if entry is None or time.time() >= entry.renew_at:
                 entry = await fetch()
                 self._cache[key] = entry
                 if len(self._cache) > 10000:
@@ -97,7 +104,7 @@ class StaticCredential(_Base):
     def __init__(
         self, name: str, header: str, template: str, *, env: str | None, file: Path | None
     ) -> None:
-        super().__init__(name, header, template, 0.0)
+        super().__init__(name, header, template)
         self.env = env
         self.file = file
 
@@ -159,7 +166,7 @@ class JwtCredential(_Base):
         issuer: str,
         audience: str | None,
     ) -> None:
-        super().__init__(name, header, template, renew_margin=min(30.0, ttl / 5))
+        super().__init__(name, header, template)
         self.key_file = key_file
         self.algorithm = algorithm
         self.ttl = ttl
@@ -186,7 +193,7 @@ class JwtCredential(_Base):
                 "sid": identity.session,
             }
             token = jwt.encode(payload, self._key, algorithm=self.algorithm)
-        except (OSError, ValueError, TypeError, jwt.PyJWTError) as exc:
+        except (OSError, ValueError, TypeError, StateError, jwt.PyJWTError) as exc:
             raise CredentialUnavailable(self.name, f"cannot sign: {type(exc).__name__}") from None
         return _Cached(token, float(now + int(self.ttl)))
 
@@ -211,7 +218,7 @@ class OAuth2ClientCredentials(_Base):
         attempts: int = 3,
         backoff: Sequence[float] = (0.2, 0.5, 1.0),
     ) -> None:
-        super().__init__(name, header, template, renew_margin=30.0)
+        super().__init__(name, header, template)
         self.token_url = token_url
         self.client_id = client_id
         self.secret_env = secret_env
@@ -253,7 +260,8 @@ class OAuth2ClientCredentials(_Base):
         if self.audience:
             form["audience"] = self.audience
         if self.auth_method == "basic":
-            pair = f"{self.client_id}:{secret}".encode()
+            # RFC 6749 2.3.1: both halves are form-urlencoded before Basic encoding.
+            pair = f"{quote_plus(self.client_id)}:{quote_plus(secret)}".encode()
             headers["Authorization"] = "Basic " + base64.b64encode(pair).decode()
         else:
             form.update(client_id=self.client_id, client_secret=secret)
@@ -300,7 +308,7 @@ class CommandCredential(_Base):
         timeout: float,
         ttl: float,
     ) -> None:
-        super().__init__(name, header, template, renew_margin=min(30.0, ttl / 5))
+        super().__init__(name, header, template)
         self.argv = list(argv)
         self.timeout = timeout
         self.ttl = ttl

@@ -62,7 +62,8 @@ def load_or_create_signing_key(path: Path) -> Ed25519PrivateKey:
 class LocalIssuer:
     def __init__(self, state_dir: Path, *, issuer: str, audience: str) -> None:
         self.key = load_or_create_signing_key(Path(state_dir) / LOCAL_KEY_FILE)
-        self.jwk = public_jwk(self.key.public_key())
+        self.public_key = self.key.public_key()
+        self.jwk = public_jwk(self.public_key)
         self.kid = self.jwk["kid"]
         self.issuer = issuer
         self.audience = audience
@@ -92,8 +93,8 @@ class LocalIssuer:
         _set_claim(payload, groups_claim, list(groups))
         return jwt.encode(payload, self.key, algorithm=LOCAL_ALGORITHM, headers={"kid": self.kid})
 
-    async def key_for(self, kid: str | None) -> Ed25519PublicKey | None:
-        return self.key.public_key() if kid in (None, self.kid) else None
+    async def key_for(self, kid: str | None, refetch: bool = False) -> Ed25519PublicKey | None:
+        return self.public_key if kid in (None, self.kid) else None
 
 
 def _set_claim(payload: dict[str, Any], dotted: str, value: Any) -> None:

@@ -77,11 +77,11 @@ class OidcKeys:
         self.last_error: str | None = None
         self.fetches = 0
 
-    async def key_for(self, kid: str | None) -> Any:
+    async def key_for(self, kid: str | None, refetch: bool = False) -> Any:
         now = self.clock()
         stale = self._fetched_at is None or now - self._fetched_at >= self.refresh
         unknown = kid not in self._keys
-        if (stale or unknown) and self._may_fetch(now):
+        if (stale or unknown or refetch) and self._may_fetch(now):
             await self._fetch_once()
         now = self.clock()
         if self._fetched_at is None or now - self._fetched_at >= self.max_stale:

@@ -55,7 +55,9 @@ class Identity:
 
 ANONYMOUS = Identity("anonymous", (), "anonymous", None, None, None)
 
-KeyLookup = Callable[[str | None], Awaitable[Any]]
+#: ``keys(kid, refetch)``: the verification key for ``kid`` (None if unknown); with
+#: ``refetch`` the source may reload its key set first (rate-limited by the source).
+KeyLookup = Callable[[str | None, bool], Awaitable[Any]]
 
 
 def extract_token(authorization: str | None) -> str | None:
@@ -151,15 +153,21 @@ class TokenVerifier:
         now = time.time()
         hit = self._verified.get(token)
         if hit is not None and now < hit[1]:
-            return hit[0]
-        identity = await self._verify(token)
+            identity, _, kid, key = hit
+            # The key must still be the one that verified it: rotation, removal and a
+            # provider gone past its staleness bound all end the cached verdict.
+            if await self.keys(kid, False) is key:
+                return identity
+            del self._verified[token]
+        identity, kid, key = await self._verify(token)
         if identity.expires_at is not None:
-            self._verified[token] = (identity, min(identity.expires_at, now + self.cache_seconds))
+            until = min(identity.expires_at, now + self.cache_seconds)
+            self._verified[token] = (identity, until, kid, key)
             if len(self._verified) > MAX_CACHED_TOKENS:
                 self._verified.popitem(last=False)
         return identity
 
-    async def _verify(self, token: str) -> Identity:
+    async def _verify(self, token: str) -> tuple[Identity, str | None, Any]:
         if len(token) > self.max_token_size:
             raise IdentityError("token is too large")
         try:
@@ -176,34 +184,42 @@ class TokenVerifier:
         check_claim_types(unverified)
         if unverified.get("iss") != self.issuer:
             raise IdentityError("token issuer is not trusted")
-        key = await self.keys(kid)
+        key = await self.keys(kid, False)
         if key is None:
             raise IdentityError("token is signed by an unknown key")
         try:
-            payload = jwt.decode(
-                token,
-                key,
-                algorithms=[algorithm],
-                audience=self.audience,
-                issuer=self.issuer,
-                leeway=self.leeway,
-                options={
-                    "require": ["exp", "iat", "iss", "aud", "sub"],
-                    "verify_jti": False,
-                    "verify_sub": True,
-                },
-            )
-        except jwt.ExpiredSignatureError:
-            raise IdentityError("token has expired") from None
-        except jwt.ImmatureSignatureError:
-            raise IdentityError("token is not valid yet") from None
-        except jwt.InvalidAudienceError:
-            raise IdentityError("token audience does not match") from None
-        except jwt.InvalidIssuerError:
-            raise IdentityError("token issuer is not trusted") from None
-        except jwt.PyJWTError:
-            raise IdentityError("token signature or claims are invalid") from None
-        return self._identity(payload)
+            payload = self._decode(token, key, algorithm)
+        except jwt.InvalidSignatureError:
+            # A token without a kid after a key rotation: reload the key set once.
+            fresh = await self.keys(kid, True)
+            if fresh is None or fresh is key:
+                raise IdentityError("token signature or claims are invalid") from None
+            key = fresh
+            payload = self._decode_checked(token, key, algorithm)
+        except jwt.PyJWTError as exc:
+            raise _identity_error(exc) from None
+        return self._identity(payload), kid, key
+
+    def _decode_checked(self, token: str, key: Any, algorithm: str) -> dict[str, Any]:
+        try:
+            return self._decode(token, key, algorithm)
+        except jwt.PyJWTError as exc:
+            raise _identity_error(exc) from None
+
+    def _decode(self, token: str, key: Any, algorithm: str) -> dict[str, Any]:
+        return jwt.decode(
+            token,
+            key,
+            algorithms=[algorithm],
+            audience=self.audience,
+            issuer=self.issuer,
+            leeway=self.leeway,
+            options={
+                "require": ["exp", "iat", "iss", "aud", "sub"],
+                "verify_jti": False,
+                "verify_sub": True,
+            },
+        )
 
     def _identity(self, payload: Mapping[str, Any]) -> Identity:
         subject = str(payload["sub"])
@@ -223,3 +239,16 @@ class TokenVerifier:
             issuer=payload.get("iss"),
             expires_at=float(exp) if _is_number(exp) else None,
         )
+
+
+def _identity_error(exc: Exception) -> IdentityError:
+    """A reason safe to show: which check failed, never the token."""
+    if isinstance(exc, jwt.ExpiredSignatureError):
+        return IdentityError("token has expired")
+    if isinstance(exc, jwt.ImmatureSignatureError):
+        return IdentityError("token is not valid yet")
+    if isinstance(exc, jwt.InvalidAudienceError):
+        return IdentityError("token audience does not match")
+    if isinstance(exc, jwt.InvalidIssuerError):
+        return IdentityError("token issuer is not trusted")
+    return IdentityError("token signature or claims are invalid")

@@ -265,8 +265,9 @@ class Forwarder:
         provider = self.gate.credentials(config)[target.credential]
         try:
             return await provider.obtain(identity, target.name)
-        except CredentialUnavailable as exc:
-            log.warning("%s", exc)
+        except Exception as exc:  # any failure to obtain a credential refuses, never forwards
+            detail = str(exc) if isinstance(exc, CredentialUnavailable) else type(exc).__name__
+            log.warning("credential %s unavailable: %s", target.credential, detail)
             raise Refusal(
                 503,
                 "credential_unavailable",

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict
 from yarl import URL
 
 from proxy.events import EventBus
@@ -24,6 +25,8 @@ from proxy.server.requestcheck import BodyTooLarge
 
 log = logging.getLogger("sluice.relay")
 CHUNK = 256 * 1024
+#: Bodies up to this size with a known length are read whole and sent with their headers.
+SMALL_BODY = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,14 +109,23 @@ class Relay:
         started: float,
         upstream_started: float,
     ) -> web.StreamResponse:
+        headers = CIMultiDict(
+            response_headers_for_agent(
+                (k.decode("latin-1"), v.decode("latin-1")) for k, v in upstream.raw_headers
+            )
+        )
+        headers["X-Sluice-Request-Id"] = request_id
+        length = upstream.content_length
+        if length is not None and "Transfer-Encoding" in upstream.headers:
+            length = None
+        if length is not None and length <= SMALL_BODY and request.method != "HEAD":
+            return await self._relay_small(
+                request, upstream, headers, request_id, started, upstream_started
+            )
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-        for name, value in response_headers_for_agent(
-            (k.decode("latin-1"), v.decode("latin-1")) for k, v in upstream.raw_headers
-        ):
-            response.headers.add(name, value)
-        response.headers["X-Sluice-Request-Id"] = request_id
-        if upstream.content_length is not None and "Transfer-Encoding" not in upstream.headers:
-            response.content_length = upstream.content_length
+        response.headers.extend(headers)
+        if length is not None:
+            response.content_length = length
         self.bus.publish(
             "request.response_started",
             request_id=request_id,
@@ -146,6 +158,39 @@ class Relay:
             status=upstream.status,
             decision="allowed",
             bytes_out=sent,
+            duration_ms=_ms(started),
+        )
+        return response
+
+    async def _relay_small(
+        self,
+        request: web.Request,
+        upstream: aiohttp.ClientResponse,
+        headers: CIMultiDict[str],
+        request_id: str,
+        started: float,
+        upstream_started: float,
+    ) -> web.StreamResponse:
+        """A small body with a known length goes out with its headers in one write."""
+        try:
+            body = await upstream.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            return self.failed(request_id, started, "", classify_upstream_error(exc))
+        self.bus.publish(
+            "request.response_started",
+            request_id=request_id,
+            status=upstream.status,
+            upstream_ms=_ms(upstream_started),
+        )
+        response = web.Response(
+            status=upstream.status, reason=upstream.reason, body=body, headers=headers
+        )
+        self.bus.publish(
+            "request.completed",
+            request_id=request_id,
+            status=upstream.status,
+            decision="allowed",
+            bytes_out=len(body),
             duration_ms=_ms(started),
         )
         return response

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import socket
 from dataclasses import dataclass, field
@@ -125,6 +126,7 @@ class ProxyRuntime:
             flows=self.flows,
             metrics=self.metrics,
             status=self._status,
+            gate=self.gate,
         )
         admin_runner = GuardedAppRunner(self.admin.make_app(), guard=guard, **handler_options)
         await admin_runner.setup()
@@ -136,6 +138,12 @@ class ProxyRuntime:
             self._watch_task = asyncio.create_task(
                 watch_config(self.holder, self.bus, self._stop_watch), name="config-watch"
             )
+        # Everything allocated so far lives as long as the process: keep the collector from
+        # rescanning it, and collect young objects less often (measured: ~20% less CPU per
+        # request under load, see docs/benchmarks.md).
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(50_000, 20, 100)
         self.bus.publish(
             "proxy.started",
             listen=self.main_url,
