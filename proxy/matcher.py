@@ -84,6 +84,10 @@ class Matcher:
     body_pattern: re.Pattern[bytes] | None = None
     body_negated: bool = False
     fields: tuple[str, ...] = ()
+    #: Exact target names / methods this matcher is limited to (None: any), so a policy
+    #: can skip it without calling a predicate. The predicates still check them too.
+    targets: frozenset[str] | None = None
+    methods: frozenset[str] | None = None
 
     @property
     def needs_body(self) -> bool:
@@ -91,7 +95,10 @@ class Matcher:
 
     def matches_head(self, facts: Facts) -> bool:
         """Everything but the body: decides whether reading the body is worth it."""
-        return all(predicate(facts) for predicate in self.predicates)
+        for predicate in self.predicates:  # noqa: SIM110 - faster than all(genexpr) here
+            if not predicate(facts):
+                return False
+        return True
 
     def matches(self, facts: Facts) -> bool:
         if not self.matches_head(facts):
@@ -343,7 +350,26 @@ def compile_matcher(spec: Mapping[str, object], *, for_policy: bool = True) -> M
             body = compile_body(value)
         else:
             predicates.append(_field_predicate(name, value))
-    return Matcher(tuple(predicates), body, False, tuple(spec))
+    return Matcher(
+        tuple(predicates),
+        body,
+        False,
+        tuple(spec),
+        targets=_exact_names(spec.get("target")),
+        methods=_exact_names(spec.get("method"), upper=True),
+    )
+
+
+def _exact_names(value: object, *, upper: bool = False) -> frozenset[str] | None:
+    """The value as a set of plain names, or None when absent or using glob syntax."""
+    if value is None:
+        return None
+    names = [value] if isinstance(value, str) else value
+    if not isinstance(names, list) or any(
+        not isinstance(name, str) or any(char in name for char in "*?[") for name in names
+    ):
+        return None
+    return frozenset(name.upper() if upper else name for name in names)
 
 
 def parse_filter(text: str) -> Matcher:

@@ -90,6 +90,26 @@ class Policy:
         self.reads_bodies = any(rule.matcher.needs_body for rule in self.rules)
         #: Building the header map costs; skip it when no rule looks at headers.
         self.reads_headers = any("header" in rule.matcher.fields for rule in self.rules)
+        self._candidates: dict[tuple[str | None, str], tuple[Rule, ...]] = {}
+
+    def candidates(self, target: str | None, method: str) -> tuple[Rule, ...]:
+        """The rules whose exact target and method limits admit this pair, in order.
+
+        Skipping the others cannot change the outcome: they could never match.
+        """
+        key = (target, method)
+        found = self._candidates.get(key)
+        if found is None:
+            method = method.upper()
+            found = tuple(
+                rule
+                for rule in self.rules
+                if (rule.matcher.targets is None or target in rule.matcher.targets)
+                and (rule.matcher.methods is None or method in rule.matcher.methods)
+            )
+            if len(self._candidates) < 4096:
+                self._candidates[key] = found
+        return found
 
     @classmethod
     def from_tables(cls, tables: Sequence[Mapping[str, object]], **kwargs: int) -> Policy:
@@ -97,7 +117,7 @@ class Policy:
 
     def evaluate(self, facts: Facts) -> Decision | _NeedsBody:
         """Walk the rules in order. Any error while matching denies, naming the rule."""
-        for rule in self.rules:
+        for rule in self.candidates(facts.target, facts.method):
             try:
                 if rule.matcher.matches(facts):
                     return Decision(rule.action, rule.name, rule.reason, _code(rule.action))
