@@ -11,7 +11,7 @@ import asyncio
 import itertools
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,12 +53,22 @@ class EventBus:
         self._subscribers: set[Subscription] = set()
         self._subscriber_queue = subscriber_queue
         self._listeners: list[Callable[[Event], None]] = []
+        self._typed: dict[str, list[Callable[[Event], None]]] = {}
         self.dropped_subscribers = 0
         self.last_seq = 0
 
-    def add_listener(self, listener: Callable[[Event], None]) -> None:
-        """Synchronous in-process consumers (flow table, metrics); they must be cheap."""
-        self._listeners.append(listener)
+    def add_listener(
+        self, listener: Callable[[Event], None], types: Iterable[str] | None = None
+    ) -> None:
+        """Synchronous in-process consumers (flow table, metrics); they must be cheap.
+
+        With ``types`` the listener is only called for those event types.
+        """
+        if types is None:
+            self._listeners.append(listener)
+            return
+        for type_ in types:
+            self._typed.setdefault(type_, []).append(listener)
 
     def publish(self, type_: str, **data: Any) -> Event:
         event = Event(next(self._seq), time.time(), type_, data)
@@ -66,6 +76,10 @@ class EventBus:
         self._ring.append(event)
         for listener in self._listeners:
             listener(event)
+        typed = self._typed.get(type_)
+        if typed is not None:
+            for listener in typed:
+                listener(event)
         for subscriber in list(self._subscribers):
             try:
                 subscriber.queue.put_nowait(event)

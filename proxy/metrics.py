@@ -43,6 +43,14 @@ class ProxyMetrics:
         if in_flight is not None:
             self.in_flight.set_function(in_flight)
 
+    #: The only events ``observe`` looks at; register it for these alone.
+    EVENT_TYPES = (
+        "request.completed",
+        "request.failed",
+        "config.reloaded",
+        "config.reload_failed",
+    )
+
     def observe(self, event: Event) -> None:
         data = event.data
         if event.type in ("request.completed", "request.failed"):

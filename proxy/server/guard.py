@@ -85,14 +85,16 @@ class GuardedRequestHandler(RequestHandler):
         if not self._awaiting_headers:
             super().data_received(data)
             return
-        if self._header_timer is None:
-            self._arm_header_timer()
         self._header_bytes += len(data)
         super().data_received(data)
         if self._messages:
             self._headers_done()
         elif self._header_bytes > self._guard.max_header_bytes:
             self._reject(431, "headers_too_large", "request headers are too large")
+        elif self._header_timer is None:
+            # Armed only when headers arrive in pieces: a request whose headers came in
+            # one read (nearly all of them) never pays for a timer.
+            self._arm_header_timer()
 
     def _arm_header_timer(self) -> None:
         self._header_timer = self._loop.call_later(self._guard.header_timeout, self._header_late)

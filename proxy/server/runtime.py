@@ -58,7 +58,7 @@ class ProxyRuntime:
             in_flight=lambda: self.forwarder.in_flight if self.forwarder else 0
         )
         self.bus.add_listener(self.flows.apply)
-        self.bus.add_listener(self.metrics.observe)
+        self.bus.add_listener(self.metrics.observe, ProxyMetrics.EVENT_TYPES)
         self.listeners: list[Listener] = []
         self.admin_url = ""
         self._stop_watch = asyncio.Event()
