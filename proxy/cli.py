@@ -120,8 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(path: Path | None) -> Config:
-    return load_config(path or default_config_path())
+def _load(path: Path | None, state_dir: Path | None = None) -> Config:
+    return load_config(path or default_config_path(), state_dir=state_dir)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -130,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO, stream=sys.stderr, format="sluice %(levelname)s %(name)s: %(message)s"
     )
     try:
-        config = _load(args.config)
+        config = _load(args.config, getattr(args, "state_dir", None))
     except ConfigError as exc:
         print(f"invalid config:\n{exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -1,228 +1,77 @@
 """Load and validate the TOML config; every error names its file and line.
 
-The key names here are the interface docs, tests and users rely on: extend, never rename.
+The section models live in ``proxy.config_models``; they are re-exported here.
 """
 
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import re
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
-from yarl import URL
+from pydantic import ValidationError
 
+from proxy.config_models import (
+    ASYMMETRIC,
+    CREDENTIAL_KINDS,
+    HMAC,
+    ApprovalsSection,
+    CommandCredentialModel,
+    ConfigModel,
+    CredentialModel,
+    Duration,
+    EventsSection,
+    IdentitySection,
+    JwtCredentialModel,
+    LimitsSection,
+    Listen,
+    NotifySection,
+    OAuth2CredentialModel,
+    ProxySection,
+    RuleModel,
+    Size,
+    StaticCredentialModel,
+    TargetModel,
+    is_loopback_host,
+    parse_host_port,
+)
 from proxy.policy import Policy, PolicyError
 from proxy.tomlpos import KeyLines, Loc
-from proxy.units import parse_duration, parse_size
 
-Duration = Annotated[float, BeforeValidator(parse_duration)]
-Size = Annotated[int, BeforeValidator(parse_size)]
-_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
-
-
-def parse_host_port(value: object) -> tuple[str, int]:
-    """``"127.0.0.1:8700"`` or ``"[::1]:8700"`` into host and port."""
-    if not isinstance(value, str):
-        raise ValueError(f'expected "HOST:PORT", got {value!r}')
-    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([^\s:\[\]]+):(\d{1,5})", value)
-    if not match:
-        raise ValueError(f'expected "HOST:PORT" such as "127.0.0.1:8700", got {value!r}')
-    host = match.group(1) or match.group(3)
-    port = int(match.group(2) or match.group(4))
-    if not 0 <= port <= 65535:
-        raise ValueError(f"port out of range in {value!r}")
-    return host, port
-
-
-def _check_listen(value: object) -> str:
-    parse_host_port(value)
-    return str(value)
-
-
-Listen = Annotated[str, BeforeValidator(_check_listen)]
-
-
-def is_loopback_host(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _check_upstream(value: object) -> str:
-    if not isinstance(value, str):
-        raise ValueError(f"expected a URL string, got {value!r}")
-    url = URL(value)
-    if url.scheme not in ("http", "https") or not url.host:
-        raise ValueError(f"upstream must be an http:// or https:// URL, got {value!r}")
-    if url.query_string or url.fragment:
-        raise ValueError("upstream must not carry a query or fragment")
-    return value.rstrip("/")
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-
-class ProxySection(_Section):
-    listen: Listen = "127.0.0.1:8700"
-    admin_listen: Listen = "127.0.0.1:8701"
-    state_dir: str = ".sluice"
-    drain_timeout: Duration = 10.0
-
-
-class LimitsSection(_Section):
-    header_timeout: Duration = 10.0
-    body_timeout: Duration = 120.0
-    idle_timeout: Duration = 75.0
-    max_header_size: Size = 16384
-    max_headers: int = Field(default=100, ge=1, le=10000)
-    max_body_size: Size = 64 * 1024 * 1024
-    max_body_inspect: Size = 1024 * 1024
-    max_connections: int = Field(default=1024, ge=1)
-    upstream_connect_timeout: Duration = 5.0
-    upstream_timeout: Duration = 60.0
-
-
-ASYMMETRIC = (
-    "RS256",
-    "RS384",
-    "RS512",
-    "PS256",
-    "PS384",
-    "PS512",
-    "ES256",
-    "ES384",
-    "ES512",
-    "EdDSA",
-)
-HMAC = ("HS256", "HS384", "HS512")
-
-
-def _check_algorithms(value: object) -> list[str]:
-    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
-        raise ValueError("expected a non-empty list of algorithm names")
-    unknown = [name for name in value if name not in ASYMMETRIC + HMAC]
-    if unknown:
-        raise ValueError(f"unknown JWT algorithms {unknown}; use {', '.join(ASYMMETRIC)}")
-    hmac_used = [name for name in value if name in HMAC]
-    if hmac_used and len(hmac_used) < len(value):
-        raise ValueError("mixing HMAC and asymmetric algorithms is not allowed")
-    if hmac_used:
-        raise ValueError("HMAC algorithms are not accepted; tokens must be asymmetrically signed")
-    return list(value)
-
-
-class IdentitySection(_Section):
-    mode: Literal["none", "local", "oidc"] = "none"
-    issuer: str | None = None
-    audience: str = "sluice"
-    groups_claim: str = Field(default="groups", pattern=r"^[A-Za-z0-9_:-]+(\.[A-Za-z0-9_:-]+)*$")
-    algorithms: Annotated[list[str], BeforeValidator(_check_algorithms)] | None = None
-    leeway: Duration = 30.0
-    approver_groups: list[str] = Field(default_factory=list)
-    discovery_url: str | None = None
-    jwks_url: str | None = None
-    jwks_refresh: Duration = 600.0
-    jwks_max_stale: Duration = 3600.0
-    jwks_cooldown: Duration = 30.0
-    max_token_size: Size = 8192
-    token_ttl: Duration = 8 * 3600.0
-
-    @property
-    def effective_issuer(self) -> str:
-        return self.issuer or "sluice-local"
-
-    @property
-    def effective_algorithms(self) -> list[str]:
-        if self.algorithms:
-            return self.algorithms
-        return ["EdDSA"] if self.mode == "local" else ["RS256", "ES256", "EdDSA"]
-
-
-class _CredentialBase(_Section):
-    header: str = Field(default="Authorization", pattern=r"^[A-Za-z0-9-]+$")
-    format: str = "Bearer {token}"
-
-
-class StaticCredentialModel(_CredentialBase):
-    kind: Literal["static"]
-    env: str | None = None
-    file: str | None = None
-
-
-class JwtCredentialModel(_CredentialBase):
-    kind: Literal["jwt"]
-    key_file: str
-    algorithm: Literal["ES256", "EdDSA"] = "ES256"
-    ttl: Duration = 300.0
-    issuer: str = "sluice"
-    audience: str | None = None
-
-
-class OAuth2CredentialModel(_CredentialBase):
-    kind: Literal["oauth2_client_credentials"]
-    token_url: str
-    client_id: str
-    client_secret_env: str | None = None
-    client_secret_file: str | None = None
-    scope: str | None = None
-    audience: str | None = None
-    auth_method: Literal["basic", "post"] = "basic"
-
-
-class CommandCredentialModel(_CredentialBase):
-    kind: Literal["command"]
-    argv: list[str] = Field(min_length=1)
-    timeout: Duration = 10.0
-    ttl: Duration = 300.0
-
-
-CREDENTIAL_KINDS = frozenset({"static", "jwt", "oauth2_client_credentials", "command"})
-CredentialModel = Annotated[
-    StaticCredentialModel | JwtCredentialModel | OAuth2CredentialModel | CommandCredentialModel,
-    Field(discriminator="kind"),
+__all__ = [
+    "ASYMMETRIC",
+    "CREDENTIAL_KINDS",
+    "HMAC",
+    "ApprovalsSection",
+    "CommandCredentialModel",
+    "Config",
+    "ConfigError",
+    "ConfigIssue",
+    "ConfigModel",
+    "CredentialModel",
+    "Duration",
+    "EventsSection",
+    "IdentitySection",
+    "JwtCredentialModel",
+    "LimitsSection",
+    "Listen",
+    "NotifySection",
+    "OAuth2CredentialModel",
+    "ProxySection",
+    "RuleModel",
+    "Size",
+    "StaticCredentialModel",
+    "TargetModel",
+    "default_config_path",
+    "is_loopback_host",
+    "load_config",
+    "load_config_text",
+    "parse_host_port",
 ]
-
-
-class EventsSection(_Section):
-    buffer: int = Field(default=10000, ge=100, le=1_000_000)
-    flows: int = Field(default=2000, ge=10, le=1_000_000)
-
-
-class TargetModel(_Section):
-    name: str = Field(pattern=_NAME)
-    upstream: Annotated[str, BeforeValidator(_check_upstream)]
-    listen: Listen | None = None
-    preserve_host: bool = False
-    credential: str | None = None
-
-
-class RuleModel(BaseModel):
-    """Only the meta keys are typed here; matcher fields are checked by the matcher itself."""
-
-    model_config = ConfigDict(extra="allow", strict=True, frozen=True)
-    name: str = Field(pattern=_NAME)
-    action: Literal["allow", "deny", "approve"]
-    reason: str = ""
-
-
-class ConfigModel(_Section):
-    proxy: ProxySection = ProxySection()
-    limits: LimitsSection = LimitsSection()
-    identity: IdentitySection = IdentitySection()
-    events: EventsSection = EventsSection()
-    targets: list[TargetModel] = Field(default_factory=list)
-    rules: list[RuleModel] = Field(default_factory=list)
-    credentials: dict[str, CredentialModel] = Field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -255,14 +104,18 @@ class Config:
     limits: LimitsSection
     identity: IdentitySection
     events: EventsSection
+    approvals: ApprovalsSection
     targets: Mapping[str, TargetModel]
     credentials: Mapping[str, Any]
     policy: Policy
+    #: The state dir in force: ``proxy.state_dir`` (relative to the file) or the override.
+    state_dir: Path
+    state_override: Path | None = None
 
     @property
-    def state_dir(self) -> Path:
-        state = Path(self.proxy.state_dir).expanduser()
-        return state if state.is_absolute() else self.path.parent / state
+    def learned_rules_path(self) -> Path:
+        """Rules the approvers taught (``always``); written by Sluice, never by hand."""
+        return self.state_dir / self.approvals.learned_rules
 
 
 def _where(loc: Loc) -> str:
@@ -360,8 +213,7 @@ def _identity_issues(model: ConfigModel, add: Any) -> list[ConfigIssue]:
     return []
 
 
-def load_config_text(text: str, path: Path) -> Config:
-    file = str(path)
+def _parse_toml(text: str, file: str) -> dict[str, Any]:
     try:
         data: dict[str, Any] = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -370,37 +222,81 @@ def load_config_text(text: str, path: Path) -> Config:
             line = int(found.group(1))  # Python < 3.14 keeps the line only in the message
         message = getattr(exc, "msg", re.sub(r"\s*\(at line \d+, column \d+\)", "", str(exc)))
         raise ConfigError([ConfigIssue(file, line, "", f"invalid TOML: {message}")]) from None
+    return data
+
+
+def _learned_rules(path: Path) -> tuple[list[dict[str, Any]], KeyLines | None, str]:
+    """The learned-rules file's ``[[rules]]``; absent means none."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return [], None, ""
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not valid UTF-8"
+        raise ConfigError([ConfigIssue(str(path), None, "", f"cannot read: {reason}")]) from None
+    data = _parse_toml(text, str(path))
+    lines = KeyLines(text)
+    unknown = [key for key in data if key != "rules"]
+    if unknown:
+        raise ConfigError(
+            [ConfigIssue(str(path), lines.line_of((unknown[0],)), unknown[0], "unknown key")]
+        )
+    try:
+        rules = [RuleModel.model_validate(rule) for rule in data.get("rules", [])]
+    except ValidationError as exc:
+        raise ConfigError(_pydantic_issues(exc, str(path), lines)) from None
+    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+    return [rule.model_dump() for rule in rules], lines, digest
+
+
+def load_config_text(text: str, path: Path, *, state_dir: Path | None = None) -> Config:
+    file = str(path)
+    data = _parse_toml(text, file)
     lines = KeyLines(text)
     try:
         model = ConfigModel.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_pydantic_issues(exc, file, lines)) from None
     issues = _semantic_issues(model, file, lines)
+    state = Path(model.proxy.state_dir).expanduser()
+    resolved_state = state_dir or (state if state.is_absolute() else path.parent / state)
+    learned_path = resolved_state / model.approvals.learned_rules
+    learned, learned_lines, learned_digest = _learned_rules(learned_path)
+    own = [rule.model_dump() for rule in model.rules]
+    clashes = {rule["name"] for rule in learned} & {rule["name"] for rule in own}
+    for name in sorted(clashes):
+        issues.append(ConfigIssue(str(learned_path), None, "rules", f"duplicate name {name!r}"))
     policy = None
     try:
-        policy = Policy.from_tables(
-            [rule.model_dump() for rule in model.rules],
-            max_body_inspect=model.limits.max_body_inspect,
-        )
+        # Learned rules come first: an approver's "always" must win over the rule that held.
+        policy = Policy.from_tables(learned + own, max_body_inspect=model.limits.max_body_inspect)
     except PolicyError as exc:
-        loc = ("rules", exc.index, *exc.field.split("."))
-        issues.append(ConfigIssue(file, lines.line_of(loc), _where(loc), exc.message))
+        if exc.index < len(learned):
+            loc: Loc = ("rules", exc.index, *exc.field.split("."))
+            line = learned_lines.line_of(loc) if learned_lines else None
+            issues.append(ConfigIssue(str(learned_path), line, _where(loc), exc.message))
+        else:
+            loc = ("rules", exc.index - len(learned), *exc.field.split("."))
+            issues.append(ConfigIssue(file, lines.line_of(loc), _where(loc), exc.message))
     if issues or policy is None:
         raise ConfigError(issues)
     return Config(
         path=path,
-        digest=hashlib.sha256(text.encode()).hexdigest()[:12],
+        digest=hashlib.sha256((text + learned_digest).encode()).hexdigest()[:12],
         proxy=model.proxy,
         limits=model.limits,
         identity=model.identity,
         events=model.events,
+        approvals=model.approvals,
         targets={target.name: target for target in model.targets},
         credentials=dict(model.credentials),
         policy=policy,
+        state_dir=resolved_state,
+        state_override=state_dir,
     )
 
 
-def load_config(path: Path) -> Config:
+def load_config(path: Path, *, state_dir: Path | None = None) -> Config:
     path = Path(path).absolute()
     try:
         text = path.read_text(encoding="utf-8")
@@ -409,7 +305,7 @@ def load_config(path: Path) -> Config:
         raise ConfigError(
             [ConfigIssue(str(path), None, "", f"cannot read config: {reason}")]
         ) from None
-    return load_config_text(text, path)
+    return load_config_text(text, path, state_dir=state_dir)
 
 
 def default_config_path(cwd: Path | None = None) -> Path:

@@ -29,7 +29,7 @@ class ConfigHolder:
     def reload(self, bus: EventBus | None = None) -> bool:
         """Try the file on disk; on any error keep what runs and say why."""
         try:
-            fresh = load_config(self.current.path)
+            fresh = load_config(self.current.path, state_dir=self.current.state_override)
         except ConfigError as exc:
             self.last_error = str(exc)
             log.warning("config reload rejected, keeping the running config:\n%s", exc)
@@ -82,13 +82,17 @@ async def watch_config(
 ) -> None:
     """Reload whenever the config file (by name) changes in its directory."""
     path = holder.current.path
-    watched = {str(path)}
+    learned = holder.current.learned_rules_path
+    watched = {str(path), str(learned)}
 
     def relevant(_change: object, changed_path: str) -> bool:
         return changed_path in watched
 
+    folders = {str(path.parent)}
+    if learned.parent.is_dir():
+        folders.add(str(learned.parent))
     async for _changes in awatch(
-        path.parent,
+        *sorted(folders),
         watch_filter=relevant,
         stop_event=stop,
         debounce=debounce_ms,

@@ -16,6 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from proxy import __version__
+from proxy.approvals import ApprovalDesk, ApprovalError
 from proxy.events import Event, EventBus
 from proxy.flows import FlowTable
 from proxy.identity import IdentityError, KeysUnavailable
@@ -41,7 +42,9 @@ class AdminApi:
         metrics: ProxyMetrics,
         status: Callable[[], dict[str, Any]],
         gate: IdentityGate | None = None,
+        desk: ApprovalDesk | None = None,
     ) -> None:
+        self.desk = desk
         self.gate = gate
         self.token = token
         self.holder = holder
@@ -59,6 +62,8 @@ class AdminApi:
         app.router.add_get("/api/flows", self.recent_flows)
         app.router.add_get("/metrics", self.render_metrics)
         app.router.add_get("/.well-known/jwks.json", self.jwks)
+        app.router.add_get("/api/approvals", self.approvals)
+        app.router.add_post("/api/approvals/{approval_id}", self.decide)
         return app
 
     @web.middleware
@@ -92,6 +97,36 @@ class AdminApi:
             return identity.subject
         return None
 
+    async def approvals(self, _request: web.Request) -> web.Response:
+        pending = self.desk.pending() if self.desk is not None else []
+        return web.json_response({"approvals": pending})
+
+    async def decide(self, request: web.Request) -> web.Response:
+        """``{"decision": "approve"|"deny", "scope": "once"|"session"|"always", "reason"}``."""
+        if self.desk is None:
+            return error_response(404, "not_found", "approvals are not enabled")
+        try:
+            body = await request.json()
+        except ValueError:
+            return error_response(400, "bad_request", "the body must be JSON")
+        if not isinstance(body, dict):
+            return error_response(400, "bad_request", "the body must be a JSON object")
+        reason = body.get("reason") or ""
+        if not isinstance(reason, str) or len(reason) > 2000:
+            return error_response(400, "bad_request", "reason must be a string (2000 chars max)")
+        try:
+            summary = self.desk.decide(
+                request.match_info["approval_id"],
+                str(body.get("decision", "")),
+                str(body.get("scope", "once")),
+                reason,
+                request[PRINCIPAL_KEY],
+            )
+        except ApprovalError as exc:
+            extra = {"current": exc.current} if exc.current is not None else {}
+            return error_response(exc.status, exc.error, exc.reason, **extra)
+        return web.json_response(summary)
+
     async def jwks(self, _request: web.Request) -> web.Response:
         """Public keys of the local issuer, so upstreams and tools can verify its tokens."""
         document = self.gate.jwks(self.holder.current) if self.gate else None
@@ -115,6 +150,7 @@ class AdminApi:
             "principal": request[PRINCIPAL_KEY],
             "flows": len(self.flows),
             "last_seq": self.bus.last_seq,
+            "pending_approvals": len(self.desk.pending()) if self.desk is not None else 0,
             **self.status(),
         }
         return web.json_response(body)

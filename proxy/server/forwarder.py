@@ -13,6 +13,7 @@ import logging
 import secrets
 import time
 from dataclasses import replace
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -26,6 +27,7 @@ from proxy.matcher import Facts, headers_for_facts
 from proxy.policy import NEEDS_BODY, Action, Decision
 from proxy.reload import ConfigHolder
 from proxy.server.guard import error_response
+from proxy.server.holding import Holding, HoldRefused
 from proxy.server.identity_http import IdentityGate
 from proxy.server.relay import AgentBody, Relay, classify_upstream_error, upstream_url
 from proxy.server.requestcheck import (
@@ -62,10 +64,12 @@ class Refusal(Exception):
         rule: str | None = None,
         decision: str = "refused",
         headers: dict[str, str] | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(reason)
         self.status, self.error, self.reason = status, error, reason
         self.rule, self.decision, self.headers = rule, decision, headers or {}
+        self.extra = extra or {}
 
 
 class Forwarder:
@@ -75,7 +79,9 @@ class Forwarder:
         bus: EventBus,
         session: aiohttp.ClientSession,
         gate: IdentityGate,
+        holding: Holding | None = None,
     ) -> None:
+        self.holding = holding
         self.holder = holder
         self.bus = bus
         self.session = session
@@ -148,10 +154,35 @@ class Forwarder:
             content_type=request.headers.get("Content-Type", ""),
         )
         decision, body = await self._decide(request, config, facts)
+        label = _LABELS[decision.action]
+        if decision.action is Action.APPROVE:
+            bus.publish(
+                "request.held",
+                request_id=request_id,
+                decision="held",
+                rule=decision.rule,
+                reason=decision.reason,
+                code="held",
+            )
+            try:
+                decision, body = await self.holding.resolve(
+                    request, config, facts, identity, decision, body, request_id
+                )
+            except HoldRefused as refused:
+                raise Refusal(
+                    refused.status,
+                    refused.error,
+                    refused.reason,
+                    rule=refused.rule,
+                    decision=refused.decision,
+                    extra=refused.extra,
+                    headers={"Retry-After": "30"} if refused.status == 429 else None,
+                ) from None
+            label = "approved"
         bus.publish(
             "request.decided",
             request_id=request_id,
-            decision=_LABELS[decision.action],
+            decision=label,
             rule=decision.rule,
             reason=decision.reason,
             code=decision.code,
@@ -159,7 +190,7 @@ class Forwarder:
         if not decision.allowed:
             return self._deny(request_id, started, decision)
         return await self._forward(
-            request, config, target, identity, where, body, request_id, started
+            request, config, target, identity, where, body, request_id, started, label
         )
 
     async def _authenticate(
@@ -206,7 +237,7 @@ class Forwarder:
                 decision = policy.evaluate(replace(facts, body=body))
         if not isinstance(decision, Decision):  # a second NEEDS_BODY would be a bug: deny
             decision = Decision(Action.DENY, None, "policy could not decide", "policy_error")
-        if decision.action is Action.APPROVE:
+        if decision.action is Action.APPROVE and self.holding is None:
             decision = Decision(
                 Action.DENY,
                 decision.rule,
@@ -240,7 +271,7 @@ class Forwarder:
     def _refuse(self, request_id: str, started: float, refusal: Refusal) -> web.Response:
         """A refusal that is not a policy decision (bad input, identity, limits, credentials)."""
         response = error_response(
-            refusal.status, refusal.error, refusal.reason, request_id=request_id
+            refusal.status, refusal.error, refusal.reason, request_id=request_id, **refusal.extra
         )
         response.headers["X-Sluice-Request-Id"] = request_id
         response.headers.update(refusal.headers)
@@ -284,6 +315,7 @@ class Forwarder:
         body: bytes | None,
         request_id: str,
         started: float,
+        label: str = "allowed",
     ) -> web.StreamResponse:
         limits = config.limits
         injected = await self._credential(config, target, identity)
@@ -333,8 +365,12 @@ class Forwarder:
                 raise Refusal(
                     408, "body_timeout", "request body was not received in time"
                 ) from None
-            return self.relay.failed(request_id, started, target.name, classify_upstream_error(exc))
+            return self.relay.failed(
+                request_id, started, target.name, classify_upstream_error(exc), label
+            )
         try:
-            return await self.relay.relay(request, upstream, request_id, started, upstream_started)
+            return await self.relay.relay(
+                request, upstream, request_id, started, upstream_started, label
+            )
         finally:
             upstream.release()

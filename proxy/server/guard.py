@@ -66,6 +66,16 @@ class GuardedRequestHandler(RequestHandler):
         self._awaiting_headers = True
         self._header_bytes = 0
         self._header_timer: asyncio.TimerHandle | None = None
+        self._gone: asyncio.Future[None] | None = None
+
+    def gone(self) -> asyncio.Future[None]:
+        """Completes when the client hangs up: aiohttp does not cancel the handler then, so
+        a held request asks this before (and while) waiting."""
+        if self._gone is None or self._gone.cancelled():
+            self._gone = self._loop.create_future()
+            if self.transport is None or self.transport.is_closing():
+                self._gone.set_result(None)
+        return self._gone
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -78,6 +88,8 @@ class GuardedRequestHandler(RequestHandler):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._guard.open_connections -= 1
+        if self._gone is not None and not self._gone.done():
+            self._gone.set_result(None)
         self._cancel_header_timer()
         super().connection_lost(exc)
 

@@ -108,6 +108,7 @@ class Relay:
         request_id: str,
         started: float,
         upstream_started: float,
+        label: str = "allowed",
     ) -> web.StreamResponse:
         headers = CIMultiDict(
             response_headers_for_agent(
@@ -120,7 +121,7 @@ class Relay:
             length = None
         if length is not None and length <= SMALL_BODY and request.method != "HEAD":
             return await self._relay_small(
-                request, upstream, headers, request_id, started, upstream_started
+                request, upstream, headers, request_id, started, upstream_started, label
             )
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
         response.headers.extend(headers)
@@ -147,16 +148,17 @@ class Relay:
                 started,
                 sent,
                 UpstreamFailure(499, "client_gone", type(exc).__name__),
+                label,
             )
         except (aiohttp.ClientError, TimeoutError) as exc:
             return self._broken(
-                request, response, request_id, started, sent, classify_upstream_error(exc)
+                request, response, request_id, started, sent, classify_upstream_error(exc), label
             )
         self.bus.publish(
             "request.completed",
             request_id=request_id,
             status=upstream.status,
-            decision="allowed",
+            decision=label,
             bytes_out=sent,
             duration_ms=_ms(started),
         )
@@ -170,12 +172,13 @@ class Relay:
         request_id: str,
         started: float,
         upstream_started: float,
+        label: str,
     ) -> web.StreamResponse:
         """A small body with a known length goes out with its headers in one write."""
         try:
             body = await upstream.read()
         except (aiohttp.ClientError, TimeoutError) as exc:
-            return self.failed(request_id, started, "", classify_upstream_error(exc))
+            return self.failed(request_id, started, "", classify_upstream_error(exc), label)
         self.bus.publish(
             "request.response_started",
             request_id=request_id,
@@ -189,7 +192,7 @@ class Relay:
             "request.completed",
             request_id=request_id,
             status=upstream.status,
-            decision="allowed",
+            decision=label,
             bytes_out=len(body),
             duration_ms=_ms(started),
         )
@@ -203,6 +206,7 @@ class Relay:
         started: float,
         sent: int,
         failure: UpstreamFailure,
+        label: str = "allowed",
     ) -> web.StreamResponse:
         """Mid-body failure: the status line is gone, so cut the connection rather than
         let a truncated body look complete."""
@@ -212,7 +216,7 @@ class Relay:
             "request.failed",
             request_id=request_id,
             status=response.status,
-            decision="allowed",
+            decision=label,
             error=failure.reason,
             upstream_error=failure.kind,
             bytes_out=sent,
@@ -221,7 +225,12 @@ class Relay:
         return response
 
     def failed(
-        self, request_id: str, started: float, target: str, failure: UpstreamFailure
+        self,
+        request_id: str,
+        started: float,
+        target: str,
+        failure: UpstreamFailure,
+        label: str = "allowed",
     ) -> web.Response:
         response = error_response(
             failure.status, failure.kind, failure.reason, request_id=request_id
@@ -231,7 +240,7 @@ class Relay:
             "request.failed",
             request_id=request_id,
             status=failure.status,
-            decision="allowed",
+            decision=label,
             target=target,
             error=failure.reason,
             upstream_error=failure.kind,

@@ -7,21 +7,24 @@ import contextlib
 import gc
 import logging
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
+from proxy.approvals import ApprovalDesk, Held
 from proxy.config import Config, parse_host_port
 from proxy.events import EventBus
 from proxy.flows import FlowTable
+from proxy.learned import append_rule, rule_for
 from proxy.metrics import ProxyMetrics
 from proxy.reload import ConfigHolder, watch_config
 from proxy.server.admin import AdminApi
 from proxy.server.forwarder import TARGET_KEY, Forwarder
 from proxy.server.guard import GuardedAppRunner, assert_c_parser, install_log_redaction
+from proxy.server.holding import Holding
 from proxy.server.identity_http import HttpFetcher, IdentityGate
 from proxy.state import ensure_state_dir, load_or_create_admin_token
 
@@ -51,6 +54,9 @@ class ProxyRuntime:
     watch: bool = True
 
     def __post_init__(self) -> None:
+        override = self.overrides.state_dir
+        if override is not None and self.config.state_override != override:
+            self.config = replace(self.config, state_dir=override, state_override=override)
         self.holder = ConfigHolder(self.config)
         self.bus = EventBus(self.config.events.buffer)
         self.flows = FlowTable(self.config.events.flows)
@@ -67,11 +73,13 @@ class ProxyRuntime:
         self._fetch_session: aiohttp.ClientSession | None = None
         self.gate: IdentityGate | None = None
         self.admin: AdminApi | None = None
+        self.desk: ApprovalDesk | None = None
+        self.holding: Holding | None = None
         self.forwarder: Forwarder | None = None
 
     @property
     def state_dir(self) -> Path:
-        return self.overrides.state_dir or self.config.state_dir
+        return self.config.state_dir
 
     @property
     def main_url(self) -> str:
@@ -95,7 +103,14 @@ class ProxyRuntime:
         )
         self.gate = IdentityGate(self.state_dir, HttpFetcher(self._fetch_session))
         self.gate.verifier(config)  # create the local signing key (or fail) before listening
-        self.forwarder = Forwarder(self.holder, self.bus, self._session, self.gate)
+        self.desk = ApprovalDesk(
+            max_pending=config.approvals.max_pending,
+            retry_window=config.approvals.retry_window,
+            emit=lambda kind, summary: self.bus.publish(kind, **summary),
+            learn=self._learn,
+        )
+        self.holding = Holding(self.desk, self._fetch_session)
+        self.forwarder = Forwarder(self.holder, self.bus, self._session, self.gate, self.holding)
         guard: dict[str, Any] = {
             "header_timeout": limits.header_timeout,
             "max_header_bytes": limits.max_header_size * 2,
@@ -127,6 +142,7 @@ class ProxyRuntime:
             metrics=self.metrics,
             status=self._status,
             gate=self.gate,
+            desk=self.desk,
         )
         admin_runner = GuardedAppRunner(self.admin.make_app(), guard=guard, **handler_options)
         await admin_runner.setup()
@@ -184,6 +200,13 @@ class ProxyRuntime:
             "dropped_subscribers": self.bus.dropped_subscribers,
         }
 
+    def _learn(self, held: Held, verdict: str, approver: str) -> str:
+        """Scope "always": append a rule to the learned file and apply it at once."""
+        rule = rule_for(held, verdict, approver)
+        append_rule(self.holder.current.learned_rules_path, rule)
+        self.holder.reload(self.bus)
+        return str(rule["name"])
+
     async def _drain(self) -> None:
         """Close every agent listener first, end keep-alive, then wait (bounded) for
         in-flight requests; whatever still runs after ``drain_timeout`` is cut."""
@@ -199,6 +222,9 @@ class ProxyRuntime:
     async def stop(self) -> None:
         """Stop accepting, drain in-flight requests for a bounded time, then close."""
         self._stop_watch.set()
+        if self.desk is not None:
+            # Pending approvals end as denials (and events), never as approvals.
+            self.desk.deny_all("the proxy stopped before anyone decided")
         self.bus.publish(
             "proxy.stopping", in_flight=self.forwarder.in_flight if self.forwarder else 0
         )
@@ -212,6 +238,8 @@ class ProxyRuntime:
             self._watch_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._watch_task
+        if self.holding is not None:
+            await self.holding.close()
         for session in (self._session, self._fetch_session):
             if session is not None:
                 await session.close()

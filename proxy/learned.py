@@ -1,0 +1,67 @@
+"""The learned-rules file: what approvers decided "always", as ordinary rules.
+
+Written with tomli-w into the state dir, never into the user's own config (whose comments
+and layout stay untouched); the config loader puts these rules first, and the hot reload
+picks a new one up like any other edit.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+from wcmatch import fnmatch, glob
+
+from proxy.approvals import Held
+
+HEADER = (
+    '# Rules learned from approvals (scope "always"), written by Sluice.\n'
+    "# Evaluated before the rules in your config. Delete a rule here to forget it.\n\n"
+)
+
+
+def rule_for(held: Held, verdict: str, approver: str) -> dict[str, Any]:
+    """A rule matching exactly this kind of request: method, target, path and query."""
+    said = f": {held.decision_reason}" if held.decision_reason else ""
+    rule: dict[str, Any] = {
+        "name": f"learned-{held.id}",
+        "action": verdict,
+        "reason": f"{'approved' if verdict == 'allow' else 'denied'} always by {approver}{said}",
+        "target": held.target,
+        "method": held.method,
+        "path": glob.escape(held.path),
+    }
+    if held.query:
+        rule["query"] = fnmatch.escape(held.query)
+    return rule
+
+
+def append_rule(path: Path, rule: dict[str, Any]) -> None:
+    """Append atomically (temp file, fsync, rename): a crash leaves the old or the new file."""
+    data: dict[str, Any] = {"rules": []}
+    if path.exists():
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        data.setdefault("rules", [])
+    data["rules"].append(rule)
+    text = HEADER + tomli_w.dumps(data)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(prefix=".learned-", suffix=".toml", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(temp, 0o600)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
