@@ -103,6 +103,16 @@ def build_parser() -> argparse.ArgumentParser:
         help='lifetime such as "8h" (default: identity.token_ttl)',
     )
 
+    mask = commands.add_parser(
+        "mask",
+        help="mask secrets in a file or stdin",
+        description="Mask secrets the way the proxy masks response bodies. Prints the masked "
+        "text, or with --json {masked, spans}. Exit 0 whether or not anything was masked.",
+    )
+    config_option(mask)
+    mask.add_argument("file", nargs="?", metavar="FILE", help="file to mask (default: stdin)")
+    mask.add_argument("--json", action="store_true", help="print JSON with the mask spans")
+
     demo = commands.add_parser(
         "demo",
         help="run the bundled demo",
@@ -149,6 +159,8 @@ def _dispatch(config: Config, args: argparse.Namespace) -> int:
         return EXIT_OK
     if args.command == "proxy":
         return _run_proxy(config, args)
+    if args.command == "mask":
+        return _mask(config, args)
     if args.command == "token":
         return _issue_token(config, args)
     if args.command == "demo":
@@ -156,6 +168,23 @@ def _dispatch(config: Config, args: argparse.Namespace) -> int:
 
         return asyncio.run(run_demo(config, pause=args.pause))
     return EXIT_USAGE
+
+
+def _mask(config: Config, args: argparse.Namespace) -> int:
+    from proxy.masking.builtin import builtin_rules
+    from proxy.masking.cli import run_mask
+    from proxy.masking.engine import Masker
+    from proxy.masking.key import load_or_create_mask_key
+    from proxy.masking.rules import select_rules
+
+    key = load_or_create_mask_key(config.state_dir)
+    settings = config.masking
+    rules = select_rules(
+        builtin_rules(),
+        disable=settings.disable,
+        custom=[rule.model_dump() for rule in settings.rules],
+    )
+    return run_mask(args.file, args.json, key, masker=Masker(rules, hmac_key=key))
 
 
 def _issue_token(config: Config, args: argparse.Namespace) -> int:

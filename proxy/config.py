@@ -29,6 +29,7 @@ from proxy.config_models import (
     JwtCredentialModel,
     LimitsSection,
     Listen,
+    MaskingSection,
     NotifySection,
     OAuth2CredentialModel,
     ProxySection,
@@ -59,6 +60,7 @@ __all__ = [
     "JwtCredentialModel",
     "LimitsSection",
     "Listen",
+    "MaskingSection",
     "NotifySection",
     "OAuth2CredentialModel",
     "ProxySection",
@@ -105,6 +107,7 @@ class Config:
     identity: IdentitySection
     events: EventsSection
     approvals: ApprovalsSection
+    masking: MaskingSection
     targets: Mapping[str, TargetModel]
     credentials: Mapping[str, Any]
     policy: Policy
@@ -169,6 +172,7 @@ def _semantic_issues(model: ConfigModel, file: str, lines: KeyLines) -> list[Con
                     loc, f'identity mode "none" is only allowed on loopback listeners, not {host!r}'
                 )
     issues.extend(_identity_issues(model, add))
+    _masking_issues(model, add)
     for index, target in enumerate(model.targets):
         if target.credential and target.credential not in model.credentials:
             add(("targets", index, "credential"), f"unknown credential {target.credential!r}")
@@ -187,6 +191,27 @@ def _semantic_issues(model: ConfigModel, file: str, lines: KeyLines) -> list[Con
         if "{token}" not in credential.format:
             add(("credentials", name, "format"), "format must contain {token}")
     return issues
+
+
+def _masking_issues(model: ConfigModel, add: Any) -> None:
+    """Compile the masking rule selections now, so a bad regex fails the config, not a request."""
+    from proxy.masking.builtin import builtin_rules
+    from proxy.masking.rules import RuleError, select_rules
+
+    masking = model.masking
+    custom = [rule.model_dump() for rule in masking.rules]
+    try:
+        select_rules(builtin_rules(), enabled=True, disable=masking.disable, custom=custom)
+    except RuleError as exc:
+        add(("masking",), str(exc))
+    for index, target in enumerate(model.targets):
+        if target.masking.disable:
+            try:
+                select_rules(builtin_rules(), disable=[*masking.disable, *target.masking.disable])
+            except RuleError as exc:
+                add(("targets", index, "masking", "disable"), str(exc))
+    if model.approvals.notify.webhook:
+        _check_url(model.approvals.notify.webhook, ("approvals", "notify", "webhook"), add)
 
 
 def _check_url(url: str, loc: Loc, add: Any) -> None:
@@ -288,6 +313,7 @@ def load_config_text(text: str, path: Path, *, state_dir: Path | None = None) ->
         identity=model.identity,
         events=model.events,
         approvals=model.approvals,
+        masking=model.masking,
         targets={target.name: target for target in model.targets},
         credentials=dict(model.credentials),
         policy=policy,

@@ -192,12 +192,47 @@ class EventsSection(_Section):
     flows: int = Field(default=2000, ge=10, le=1_000_000)
 
 
+class MaskingRuleModel(_Section):
+    id: str = Field(pattern=_NAME)
+    regex: str
+    keywords: list[str] = Field(min_length=1)
+    entropy: float | None = None
+    keep_prefix: int = Field(default=0, ge=0)
+    max_len: int = Field(default=256, ge=1, le=65536)
+    caseless: bool = False
+    description: str = "custom rule"
+
+
+UnknownEncoding = Literal["refuse", "pass"]
+
+
+class MaskingSection(_Section):
+    enabled: bool = True
+    disable: list[str] = Field(default_factory=list)
+    rules: list[MaskingRuleModel] = Field(default_factory=list)
+    #: A Content-Encoding Sluice cannot decode cannot be masked: refuse (502) or pass as is.
+    unknown_encoding: UnknownEncoding = "refuse"
+    #: JSON bodies up to this size are masked whole (escapes and base64 values seen).
+    json_limit: Size = 8 * 1024 * 1024
+    #: Media types passed through unmasked (globs): binary formats where masking corrupts.
+    skip_types: list[str] = Field(
+        default_factory=lambda: ["image/*", "video/*", "audio/*", "font/*"]
+    )
+
+
+class TargetMasking(_Section):
+    enabled: bool | None = None
+    disable: list[str] = Field(default_factory=list)
+    unknown_encoding: UnknownEncoding | None = None
+
+
 class TargetModel(_Section):
     name: str = Field(pattern=_NAME)
     upstream: Annotated[str, BeforeValidator(_check_upstream)]
     listen: Listen | None = None
     preserve_host: bool = False
     credential: str | None = None
+    masking: TargetMasking = TargetMasking()
 
 
 class RuleModel(BaseModel):
@@ -232,3 +267,4 @@ class ConfigModel(_Section):
     rules: list[RuleModel] = Field(default_factory=list)
     credentials: dict[str, CredentialModel] = Field(default_factory=dict)
     approvals: ApprovalsSection = ApprovalsSection()
+    masking: MaskingSection = MaskingSection()

@@ -33,6 +33,7 @@ FIELDS = (
             "subject",
             "groups",
             "content_type",
+            "carries_secret",
             "body",
         }
     )
@@ -57,6 +58,8 @@ class Facts:
     status: int | None = None
     decision: str | None = None
     rule: str | None = None
+    #: Whether the request carries a secret (body, query or headers); None: not scanned yet.
+    carries_secret: bool | None = None
 
 
 class MatcherError(ValueError):
@@ -84,6 +87,8 @@ class Matcher:
     body_pattern: re.Pattern[bytes] | None = None
     body_negated: bool = False
     fields: tuple[str, ...] = ()
+    #: ``carries_secret = true|false``: needs the outbound scan, which needs the body.
+    secret_wanted: bool | None = None
     #: Exact target names / methods this matcher is limited to (None: any), so a policy
     #: can skip it without calling a predicate. The predicates still check them too.
     targets: frozenset[str] | None = None
@@ -91,7 +96,7 @@ class Matcher:
 
     @property
     def needs_body(self) -> bool:
-        return self.body_pattern is not None
+        return self.body_pattern is not None or self.secret_wanted is not None
 
     def matches_head(self, facts: Facts) -> bool:
         """Everything but the body: decides whether reading the body is worth it."""
@@ -103,6 +108,11 @@ class Matcher:
     def matches(self, facts: Facts) -> bool:
         if not self.matches_head(facts):
             return False
+        if self.secret_wanted is not None:
+            if facts.carries_secret is None:
+                raise BodyNotLoaded
+            if facts.carries_secret is not self.secret_wanted:
+                return False
         if self.body_pattern is None:
             return True
         if facts.body is None:
@@ -343,7 +353,13 @@ def compile_matcher(spec: Mapping[str, object], *, for_policy: bool = True) -> M
     """Compile a rule's matcher fields; ``for_policy`` refuses fields known only afterwards."""
     predicates: list[Predicate] = []
     body: re.Pattern[bytes] | None = None
+    secret_wanted: bool | None = None
     for name, value in sorted(spec.items(), key=lambda item: _FIELD_COST.get(item[0], 9)):
+        if name == "carries_secret":
+            if not isinstance(value, bool):
+                raise MatcherError(name, "expected true or false")
+            secret_wanted = value
+            continue
         if for_policy and name in FLOW_ONLY_FIELDS:
             raise MatcherError(name, "is only known after the response; rules cannot match on it")
         if name == "body":
@@ -357,6 +373,7 @@ def compile_matcher(spec: Mapping[str, object], *, for_policy: bool = True) -> M
         tuple(spec),
         targets=_exact_names(spec.get("target")),
         methods=_exact_names(spec.get("method"), upper=True),
+        secret_wanted=secret_wanted,
     )
 
 

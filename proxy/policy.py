@@ -90,6 +90,8 @@ class Policy:
         self.reads_bodies = any(rule.matcher.needs_body for rule in self.rules)
         #: Building the header map costs; skip it when no rule looks at headers.
         self.reads_headers = any("header" in rule.matcher.fields for rule in self.rules)
+        #: Some rule asks whether the request carries a secret: scan what it sends.
+        self.scans_secrets = any(rule.matcher.secret_wanted is not None for rule in self.rules)
         self._candidates: dict[tuple[str | None, str], tuple[Rule, ...]] = {}
 
     def candidates(self, target: str | None, method: str) -> tuple[Rule, ...]:

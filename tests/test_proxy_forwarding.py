@@ -408,7 +408,9 @@ async def test_streamed_response_arrives_incrementally(tmp_path: Path) -> None:
 
 
 @pytest.mark.asyncio
-async def test_gzip_upstream_bodies_pass_through_untouched(tmp_path: Path) -> None:
+async def test_gzip_upstream_bodies_pass_through_untouched_when_masking_is_off(
+    tmp_path: Path,
+) -> None:
     original = b"".join(b"line %d of a compressible document\n" % i for i in range(5000))
     compressed = gzip.compress(original)
     assert len(compressed) < len(original) // 5
@@ -433,7 +435,8 @@ async def test_gzip_upstream_bodies_pass_through_untouched(tmp_path: Path) -> No
     app.router.add_get("/fixed", fixed)
     app.router.add_get("/chunked", chunked)
     async with upstream_app(app) as url:
-        path = write_config(tmp_path, upstreams={"gz": url})
+        target = {"name": "gz", "upstream": url, "masking": {"enabled": False}}
+        path = write_config(tmp_path, targets=[target])
         async with running_proxy(path) as runtime:
             base = runtime.main_url
             async with client_session(auto_decompress=False) as raw_client:
@@ -455,6 +458,35 @@ async def test_gzip_upstream_bodies_pass_through_untouched(tmp_path: Path) -> No
                 for name in ("fixed", "chunked"):
                     async with client.get(f"{base}/gz/{name}") as reply:
                         assert await reply.read() == original
+
+
+@pytest.mark.asyncio
+async def test_gzip_bodies_are_decoded_for_masking_with_framing_that_matches(
+    tmp_path: Path,
+) -> None:
+    """With masking on (the default) the agent gets the decoded bytes, and the headers say so."""
+    original = b"".join(b"line %d of a compressible document\n" % i for i in range(5000))
+    compressed = gzip.compress(original)
+
+    async def fixed(_request: web.Request) -> web.Response:
+        return web.Response(
+            body=compressed, headers={"Content-Encoding": "gzip", "Content-Type": "text/plain"}
+        )
+
+    app = web.Application()
+    app.router.add_get("/fixed", fixed)
+    async with upstream_app(app) as url:
+        path = write_config(tmp_path, upstreams={"gz": url})
+        async with (
+            running_proxy(path) as runtime,
+            client_session(auto_decompress=False) as raw_client,
+            raw_client.get(f"{runtime.main_url}/gz/fixed") as reply,
+        ):
+            assert reply.status == 200
+            body = await reply.read()
+            assert "Content-Encoding" not in reply.headers
+            assert reply.headers.get("Content-Length") in (None, str(len(body)))
+        assert body == original
 
 
 # --------------------------------------------------------------------------- upstream failures

@@ -24,6 +24,7 @@ def run_mask(
     stdin: BinaryIO | None = None,
     stdout: BinaryIO | None = None,
     stderr: BinaryIO | None = None,
+    masker: Masker | None = None,
 ) -> int:
     """Mask ``path`` (or stdin when ``None`` or ``"-"``), streaming unless ``as_json``."""
     source = stdin if stdin is not None else sys.stdin.buffer
@@ -34,7 +35,7 @@ def run_mask(
     except OSError as exc:
         err.write(f"sluice mask: cannot read {path}: {exc.strerror or exc}\n".encode())
         return 2
-    masker = Masker(hmac_key=hmac_key)
+    masker = masker or Masker(hmac_key=hmac_key)
     stream = masker.stream()
     try:
         parts = []

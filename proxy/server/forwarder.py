@@ -29,6 +29,7 @@ from proxy.reload import ConfigHolder
 from proxy.server.guard import error_response
 from proxy.server.holding import Holding, HoldRefused
 from proxy.server.identity_http import IdentityGate
+from proxy.server.masked_relay import MaskingService
 from proxy.server.relay import AgentBody, Relay, classify_upstream_error, upstream_url
 from proxy.server.requestcheck import (
     BadRequest,
@@ -80,8 +81,10 @@ class Forwarder:
         session: aiohttp.ClientSession,
         gate: IdentityGate,
         holding: Holding | None = None,
+        masking: MaskingService | None = None,
     ) -> None:
         self.holding = holding
+        self.masking = masking
         self.holder = holder
         self.bus = bus
         self.session = session
@@ -153,7 +156,7 @@ class Forwarder:
             groups=identity.groups,
             content_type=request.headers.get("Content-Type", ""),
         )
-        decision, body = await self._decide(request, config, facts)
+        decision, body = await self._decide(request, config, facts, identity.session)
         label = _LABELS[decision.action]
         if decision.action is Action.APPROVE:
             bus.publish(
@@ -217,7 +220,7 @@ class Forwarder:
             ) from None
 
     async def _decide(
-        self, request: web.Request, config: Config, facts: Facts
+        self, request: web.Request, config: Config, facts: Facts, session: str
     ) -> tuple[Decision, bytes | None]:
         policy = config.policy
         decision = policy.evaluate(facts)
@@ -234,7 +237,10 @@ class Forwarder:
                     408, "body_timeout", "request body was not received in time"
                 ) from None
             else:
-                decision = policy.evaluate(replace(facts, body=body))
+                found = None
+                if policy.scans_secrets and self.masking is not None:
+                    found = self.masking.carries_secret(config, request, facts, body, session)
+                decision = policy.evaluate(replace(facts, body=body, carries_secret=found))
         if not isinstance(decision, Decision):  # a second NEEDS_BODY would be a bug: deny
             decision = Decision(Action.DENY, None, "policy could not decide", "policy_error")
         if decision.action is Action.APPROVE and self.holding is None:
@@ -369,8 +375,13 @@ class Forwarder:
                 request_id, started, target.name, classify_upstream_error(exc), label
             )
         try:
+            masking = (
+                self.masking.for_target(config, target, identity.session)
+                if self.masking is not None
+                else None
+            )
             return await self.relay.relay(
-                request, upstream, request_id, started, upstream_started, label
+                request, upstream, request_id, started, upstream_started, label, masking
             )
         finally:
             upstream.release()

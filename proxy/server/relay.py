@@ -20,7 +20,15 @@ from yarl import URL
 
 from proxy.events import EventBus
 from proxy.headers import response_headers_for_agent
+from proxy.masking.encodings import DecodeError
 from proxy.server.guard import error_response
+from proxy.server.masked_relay import (
+    ResponseMasking,
+    UnmaskableEncoding,
+    relay_masked,
+    skipped,
+    spans_for_event,
+)
 from proxy.server.requestcheck import BodyTooLarge
 
 log = logging.getLogger("sluice.relay")
@@ -109,6 +117,7 @@ class Relay:
         started: float,
         upstream_started: float,
         label: str = "allowed",
+        masking: ResponseMasking | None = None,
     ) -> web.StreamResponse:
         headers = CIMultiDict(
             response_headers_for_agent(
@@ -116,6 +125,17 @@ class Relay:
             )
         )
         headers["X-Sluice-Request-Id"] = request_id
+        if (
+            masking is not None
+            and request.method != "HEAD"
+            and upstream.status not in (204, 304)
+            and not skipped(headers, masking)
+        ):
+            masked = await self._relay_masked(
+                request, upstream, headers, masking, request_id, started, upstream_started, label
+            )
+            if masked is not None:
+                return masked
         length = upstream.content_length
         if length is not None and "Transfer-Encoding" in upstream.headers:
             length = None
@@ -160,6 +180,71 @@ class Relay:
             status=upstream.status,
             decision=label,
             bytes_out=sent,
+            duration_ms=_ms(started),
+        )
+        return response
+
+    async def _relay_masked(
+        self,
+        request: web.Request,
+        upstream: aiohttp.ClientResponse,
+        headers: CIMultiDict[str],
+        masking: ResponseMasking,
+        request_id: str,
+        started: float,
+        upstream_started: float,
+        label: str,
+    ) -> web.StreamResponse | None:
+        """None means: pass unmasked (an undecodable encoding the target lets through)."""
+
+        def on_started() -> None:
+            self.bus.publish(
+                "request.response_started",
+                request_id=request_id,
+                status=upstream.status,
+                upstream_ms=_ms(upstream_started),
+            )
+
+        try:
+            response, sent, spans = await relay_masked(
+                request, upstream, headers, masking, on_started
+            )
+        except UnmaskableEncoding as exc:
+            if masking.unknown_encoding == "pass":
+                return None
+            return self.failed(
+                request_id,
+                started,
+                "",
+                UpstreamFailure(
+                    502,
+                    "unmaskable_encoding",
+                    f"the upstream sent Content-Encoding {exc} that Sluice cannot decode, "
+                    "so it cannot be checked for secrets",
+                ),
+                label,
+            )
+        except (DecodeError, aiohttp.ClientError, TimeoutError, ConnectionResetError) as exc:
+            if isinstance(exc, DecodeError):
+                failure = UpstreamFailure(
+                    502, "upstream_bad_response", "the body could not be decoded for masking"
+                )
+            elif isinstance(exc, ConnectionResetError | aiohttp.ClientConnectionResetError):
+                failure = UpstreamFailure(499, "client_gone", type(exc).__name__)
+            else:
+                failure = classify_upstream_error(exc)
+            if not _started(request):
+                return self.failed(request_id, started, "", failure, label)
+            partial = web.StreamResponse(status=upstream.status)
+            return self._broken(request, partial, request_id, started, 0, failure, label)
+        self.bus.publish(
+            "request.completed",
+            request_id=request_id,
+            status=upstream.status,
+            decision=label,
+            bytes_out=sent,
+            masked=len(spans),
+            mask_spans=spans_for_event(spans),
             duration_ms=_ms(started),
         )
         return response
@@ -248,3 +333,9 @@ class Relay:
             duration_ms=_ms(started),
         )
         return response
+
+
+def _started(request: web.Request) -> bool:
+    """Whether a response has begun going out on this request's connection."""
+    writer = request.writer
+    return writer is not None and writer.output_size > 0

@@ -26,6 +26,7 @@ from proxy.server.forwarder import TARGET_KEY, Forwarder
 from proxy.server.guard import GuardedAppRunner, assert_c_parser, install_log_redaction
 from proxy.server.holding import Holding
 from proxy.server.identity_http import HttpFetcher, IdentityGate
+from proxy.server.masked_relay import MaskingService
 from proxy.state import ensure_state_dir, load_or_create_admin_token
 
 log = logging.getLogger("sluice.runtime")
@@ -75,6 +76,7 @@ class ProxyRuntime:
         self.admin: AdminApi | None = None
         self.desk: ApprovalDesk | None = None
         self.holding: Holding | None = None
+        self.masking: MaskingService | None = None
         self.forwarder: Forwarder | None = None
 
     @property
@@ -109,8 +111,12 @@ class ProxyRuntime:
             emit=lambda kind, summary: self.bus.publish(kind, **summary),
             learn=self._learn,
         )
-        self.holding = Holding(self.desk, self._fetch_session)
-        self.forwarder = Forwarder(self.holder, self.bus, self._session, self.gate, self.holding)
+        self.masking = MaskingService(self.state_dir)
+        self.masking.masker(config)  # compile the rules before the first request needs them
+        self.holding = Holding(self.desk, self._fetch_session, self._preview_mask)
+        self.forwarder = Forwarder(
+            self.holder, self.bus, self._session, self.gate, self.holding, self.masking
+        )
         guard: dict[str, Any] = {
             "header_timeout": limits.header_timeout,
             "max_header_bytes": limits.max_header_size * 2,
@@ -199,6 +205,11 @@ class ProxyRuntime:
             "subscribers": self.bus.subscriber_count,
             "dropped_subscribers": self.bus.dropped_subscribers,
         }
+
+    def _preview_mask(self, data: bytes) -> bytes:
+        """Approvers see a body preview with its secrets masked, like the agent would."""
+        assert self.masking is not None
+        return self.masking.masker(self.holder.current).mask_bytes(data).masked
 
     def _learn(self, held: Held, verdict: str, approver: str) -> str:
         """Scope "always": append a rule to the learned file and apply it at once."""
