@@ -82,7 +82,7 @@ def test_sample_config_loads() -> None:
     assert {"repo", "build"} <= set(config.targets)
     assert config.targets["repo"].upstream == "http://127.0.0.1:9000"
     names = [rule.name for rule in config.policy.rules]
-    assert names[0] == "credential-files"
+    assert names[:2] == ["no-exfiltration", "credential-files"]
     assert {"push-to-main", "push-agent-branches", "repo-read", "build-read"} <= set(names)
     assert names.index("push-to-main") < names.index("push-agent-branches")
     assert config.policy.max_body_inspect == config.limits.max_body_inspect
@@ -95,12 +95,16 @@ def test_sample_config_policy_decides_sample_requests() -> None:
     policy = load_config(SAMPLE).policy
     env = policy.evaluate(Facts(method="GET", target="repo", path="/files/app/.env"))
     assert env.action is Action.DENY and env.rule == "credential-files"
+    leak = Facts(method="POST", target="build", path="/api/builds", carries_secret=True)
+    assert policy.evaluate(leak).rule == "no-exfiltration"
     read = policy.evaluate(Facts(method="GET", target="repo", path="/files/README.md"))
     assert read.action is Action.ALLOW and read.rule == "repo-read"
     push = Facts(method="POST", target="repo", path="/api/push")
     assert policy.evaluate(push) is NEEDS_BODY
+    push = Facts(method="POST", target="repo", path="/api/push", carries_secret=False)
+    assert policy.evaluate(push) is NEEDS_BODY
     to_main = policy.evaluate(Facts(**{**_facts_dict(push), "body": b'{"branch": "main"}'}))
-    assert to_main.action is Action.DENY and to_main.rule == "push-to-main"
+    assert to_main.action is Action.APPROVE and to_main.rule == "push-to-main"
     to_agent = policy.evaluate(Facts(**{**_facts_dict(push), "body": b'{"branch":"agent/x"}'}))
     assert to_agent.action is Action.ALLOW and to_agent.rule == "push-agent-branches"
     delete = policy.evaluate(Facts(method="DELETE", target="build", path="/api/builds/1"))

@@ -219,13 +219,14 @@ async def test_agent_through_fake_proxy(
     finally:
         await runner.cleanup()
 
-    assert reported == steps and len(steps) == 10
-    assert [s.verdict for s in steps] == ["allowed"] * 2 + ["denied"] + ["allowed"] * 7
-    assert [s.status for s in steps] == [200, 200, 403, 200, 201, 201, 200, 202, 200, 200]
+    assert reported == steps and len(steps) == 11
+    assert [s.verdict for s in steps] == ["allowed"] * 2 + ["denied"] + ["allowed"] * 8
+    assert [s.status for s in steps] == [200, 200, 403, 200, 201, 201, 200, 202, 200, 202, 200]
     assert steps[2].path == "/repo/api/files/.env"
     assert steps[2].detail == "secret-files: credential file"
-    assert steps[4].method == "POST" and steps[9].method == "DELETE"
-    assert seen_auth == ["Bearer tok-123"] * 10
+    assert steps[4].method == "POST" and steps[10].method == "DELETE"
+    assert steps[9].intent == "send a token it found to the build server"
+    assert seen_auth == ["Bearer tok-123"] * 11
 
     secrets_seen = list(env_values(repo_root).values())
     secrets_seen.append((repo_root / "keys/deploy_key.pem").read_text().splitlines()[1])
@@ -237,7 +238,7 @@ async def test_agent_through_fake_proxy(
 @pytest.mark.asyncio
 async def test_agent_unreachable_proxy_never_raises() -> None:
     steps = await run_agent(f"http://127.0.0.1:{free_port()}", pause=0)
-    assert len(steps) == 10
+    assert len(steps) == 11
     assert all(s.status is None and s.verdict == "error" and s.detail for s in steps)
 
 

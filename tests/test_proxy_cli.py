@@ -324,7 +324,7 @@ def test_demo_runs_and_shows_its_decisions(tmp_path: Path) -> None:
     assert re.search(r"DENY\s+403\s+GET\s+/repo/api/files/\.env\b", out), out
     assert re.search(r"ALLOW\s+200\s+GET\s+/repo/api/tree\b", out), out
     assert re.search(r"DENY\s+403\s+POST\s+/repo/api/push\b", out), out
-    assert "\n10 requests:" in out
+    assert "\n11 requests:" in out
     env_text = (tmp_path / "demo-state" / "demo-workspace" / ".env").read_text()
     secrets = [line.split("=", 1)[1] for line in env_text.splitlines() if "=" in line]
     assert secrets

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+
+from proxy.masking.fakes import fake
 
 _FIX = {"src/app.py": '"""HTTP entry point for the inventory service."""\n# fixed typo\n'}
 
@@ -37,6 +40,12 @@ _SCRIPT: list[tuple[str, str, str, dict[str, Any] | None]] = [
     ("check the build", "GET", "/build/api/builds/latest", None),
     ("start a build", "POST", "/build/api/builds", {"branch": "agent/fix-typo"}),
     ("read the build log", "GET", "/build/api/builds/42/log", None),
+    (
+        "send a token it found to the build server",
+        "POST",
+        "/build/api/builds",
+        {"branch": "agent/fix-typo", "env": {"NPM_TOKEN": "<token>"}},
+    ),
     ("delete a branch", "DELETE", "/repo/api/branches/main", None),
 ]
 
@@ -97,6 +106,10 @@ async def _one_step(
     headers: dict[str, str],
 ) -> AgentStep:
     intent, method, path, body = step
+    if body is not None and "<token>" in json.dumps(body):
+        # A credential the agent picked up elsewhere: real format, fake value.
+        token = fake("npm-token", random.Random())[1]
+        body = json.loads(json.dumps(body).replace("<token>", token))
     try:
         async with session.request(method, base_url + path, json=body, headers=headers) as resp:
             raw = await resp.read()

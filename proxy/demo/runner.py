@@ -65,6 +65,41 @@ def _agent_token(config: Config, state_dir: Path) -> str | None:
     return issuer.issue("demo-agent", ["agents"], 3600, groups_claim=identity.groups_claim)
 
 
+async def _demo_approver(admin_url: str, token: str, pause: float) -> None:
+    """Stands in for the person at the console: sees each held request, then decides."""
+    headers = {"Authorization": f"Bearer {token}"}
+    seen: set[str] = set()
+    async with aiohttp.ClientSession(headers=headers) as session:
+        while True:
+            await asyncio.sleep(0.1)
+            async with session.get(f"{admin_url}/api/approvals") as reply:
+                pending = (await reply.json())["approvals"] if reply.status == 200 else []
+            for item in pending:
+                if item["id"] in seen:
+                    continue
+                seen.add(item["id"])
+                print(
+                    f"  HELD       {item['method']:<6} /{item['target']}{item['path']:<34} "
+                    f"rule {item['rule']}: {item['reason']}",
+                    flush=True,
+                )
+                await asyncio.sleep(max(pause * 2, 0.3))
+                decision = {
+                    "decision": "deny",
+                    "scope": "once",
+                    "reason": "main is protected; open a pull request from agent/*",
+                }
+                async with session.post(
+                    f"{admin_url}/api/approvals/{item['id']}", json=decision
+                ) as reply:
+                    await reply.read()
+                print(
+                    "             a person denies it via the admin API (the console "
+                    "will offer a/s/A/d keys)",
+                    flush=True,
+                )
+
+
 def _print_step(step: AgentStep) -> None:
     mark = MARKS.get(step.verdict, step.verdict.upper())
     status = step.status if step.status is not None else "---"
@@ -125,7 +160,11 @@ async def run_demo(config: Config, *, pause: float = 0.6) -> int:
         token = await _wait_for_admin(admin_url, state_dir / ADMIN_TOKEN_FILE, proxy)
         print(f"  proxy          {proxy_url}   admin API  {admin_url}\n", flush=True)
         agent_token = _agent_token(config, state_dir)
-        steps = await run_agent(proxy_url, token=agent_token, pause=pause, on_step=_print_step)
+        approver = asyncio.create_task(_demo_approver(admin_url, token, pause))
+        try:
+            steps = await run_agent(proxy_url, token=agent_token, pause=pause, on_step=_print_step)
+        finally:
+            approver.cancel()
         flows = await _summary(admin_url, token)
     except RuntimeError as exc:
         stderr = await proxy.stderr.read() if proxy.stderr else b""
@@ -147,6 +186,8 @@ async def run_demo(config: Config, *, pause: float = 0.6) -> int:
     print("The proxy's own record (GET /api/flows on the admin API):", flush=True)
     for flow in flows:
         rule = flow.get("rule") or "(default deny)"
+        if flow.get("masked"):
+            rule += f"  masked={flow['masked']}"
         print(
             f"  {flow.get('status')}  {flow.get('decision', '?'):<8} {flow.get('method'):<6} "
             f"/{flow.get('target')}{flow.get('path')}  rule={rule}",

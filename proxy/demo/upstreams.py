@@ -10,10 +10,13 @@ import hashlib
 import json
 import os
 import pathlib
+import random
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+
+from proxy.masking.fakes import fake
 
 _WORKSPACE = web.AppKey("workspace", pathlib.Path)
 _COMMITS = web.AppKey("commits", list)
@@ -150,9 +153,11 @@ def make_repo_app(workspace: pathlib.Path) -> web.Application:
     return app
 
 
+_LEAK = web.AppKey("leaked_token", str)
 _LOG_TEMPLATE = """\
 [ci] build #{id} for branch {branch} on runner ci-linux-04
 [ci] checking out {branch} at {sha}
+[ci] env: GITHUB_TOKEN={leak}   (a misconfigured step echoes its token)
 $ python -m venv .venv
 $ .venv/bin/pip install -e '.[test]'
 Obtaining file:///builds/inventory-service
@@ -200,7 +205,11 @@ async def _build_log(request: web.Request) -> web.Response:
         return _error(404, "not_found", f"no build {raw_id}")
     # Queued builds "finish" the moment someone looks: the demo has no real runner.
     log = _LOG_TEMPLATE.format(
-        id=build["id"], branch=build["branch"], sha=_sha1(build["branch"])[:12], status="passed"
+        id=build["id"],
+        branch=build["branch"],
+        sha=_sha1(build["branch"])[:12],
+        status="passed",
+        leak=request.app[_LEAK],
     )
     return web.Response(text=log, content_type="text/plain")
 
@@ -208,6 +217,8 @@ async def _build_log(request: web.Request) -> web.Response:
 def make_build_app() -> web.Application:
     """A build server whose history starts at a green build #41; new builds count up from 42."""
     app = web.Application()
+    # A fake token in the issuer's real format (checksum included), so masking can catch it.
+    app[_LEAK] = fake("github-pat", random.Random())[1]
     app[_BUILDS] = {
         _FIRST_BUILD_ID: {
             "id": _FIRST_BUILD_ID,

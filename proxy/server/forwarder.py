@@ -276,8 +276,11 @@ class Forwarder:
 
     def _refuse(self, request_id: str, started: float, refusal: Refusal) -> web.Response:
         """A refusal that is not a policy decision (bad input, identity, limits, credentials)."""
+        extra = dict(refusal.extra)
+        if refusal.rule is not None:
+            extra.setdefault("rule", refusal.rule)
         response = error_response(
-            refusal.status, refusal.error, refusal.reason, request_id=request_id, **refusal.extra
+            refusal.status, refusal.error, refusal.reason, request_id=request_id, **extra
         )
         response.headers["X-Sluice-Request-Id"] = request_id
         response.headers.update(refusal.headers)
