@@ -105,6 +105,10 @@ class QueueFull(Exception):
     pass
 
 
+class DeskClosed(Exception):
+    """The proxy is stopping: nothing new is held."""
+
+
 EventSink = Callable[[str, dict[str, Any]], None]
 Learn = Callable[[Held, str, str], str]  # (held, "allow" | "deny", approver) -> rule name
 
@@ -134,8 +138,9 @@ class ApprovalDesk:
         self._pending: OrderedDict[str, Held] = OrderedDict()
         self._decided: OrderedDict[str, Held] = OrderedDict()  # kept for 409s and late approvals
         self._session_grants: dict[tuple[str, str | None], _Grant] = {}
-        self._retry_grants: dict[str, _Grant] = {}
+        self._retry_grants: dict[tuple[str, str], _Grant] = {}
         self._ids = itertools.count(1)
+        self.closed = False
         self._prefix = secrets.token_hex(3)
 
     # -- before holding -------------------------------------------------------------------
@@ -144,7 +149,7 @@ class ApprovalDesk:
         """A decision already taken for this request: a late approval (used once) or a
         session-wide answer for this rule."""
         now = self.clock()
-        grant = self._retry_grants.pop(fp, None)
+        grant = self._retry_grants.pop((session, fp), None)
         if grant is not None and now < grant.until:
             return grant
         grant = self._session_grants.get((session, rule))
@@ -153,6 +158,8 @@ class ApprovalDesk:
         return None
 
     def hold(self, **fields: Any) -> Held:
+        if self.closed:
+            raise DeskClosed
         if len(self._pending) >= self.max_pending:
             raise QueueFull
         held = Held(id=f"ap-{self._prefix}-{next(self._ids)}", created=self.clock(), **fields)
@@ -216,7 +223,7 @@ class ApprovalDesk:
             self._session_grants[(held.session, held.rule)] = _Grant(verdict, approver, until)
         if late:
             # The agent was already told it timed out; its identical retry goes through once.
-            self._retry_grants[held.fingerprint] = _Grant(
+            self._retry_grants[(held.session, held.fingerprint)] = _Grant(
                 "allow", approver, held.deadline + self.retry_window
             )
             held.decided_by, held.decision_reason, held.scope = approver, reason, chosen
@@ -247,7 +254,9 @@ class ApprovalDesk:
             held.future.set_result(state)
 
     def deny_all(self, reason: str) -> int:
-        """The proxy is stopping: everything pending is denied, never approved."""
+        """The proxy is stopping: everything pending is denied, never approved; nothing new
+        is held after this."""
+        self.closed = True
         count = 0
         for held in list(self._pending.values()):
             self._close(held, State.DENIED, None, reason)

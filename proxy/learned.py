@@ -35,8 +35,8 @@ def rule_for(held: Held, verdict: str, approver: str) -> dict[str, Any]:
         "method": held.method,
         "path": glob.escape(held.path),
     }
-    if held.query:
-        rule["query"] = fnmatch.escape(held.query)
+    # No query means exactly none: approving /deploy must not approve /deploy?force=true.
+    rule["query"] = fnmatch.escape(held.query) if held.query else ""
     return rule
 
 

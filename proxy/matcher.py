@@ -134,8 +134,13 @@ def _as_list(field_name: str, value: object) -> list[str]:
 
 def _check_brackets(field_name: str, pattern: str) -> None:
     depth = 0
+    escaped = False
     for char in pattern:
-        if char == "[":
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True  # ``\[`` is a literal bracket, as glob.escape writes it
+        elif char == "[":
             depth += 1
         elif char == "]" and depth:
             depth -= 1
@@ -244,6 +249,8 @@ def _query_predicate(value: object) -> Predicate:
             )
 
         return match_params
+    if value == "":
+        return lambda facts: facts.query == ""  # exactly no query string
     pattern = compile_name_globs("query", value, nocase=False)
     return lambda facts: pattern.fullmatch(facts.query) is not None
 

@@ -85,6 +85,7 @@ class Forwarder:
     ) -> None:
         self.holding = holding
         self.masking = masking
+        self.draining = False
         self.holder = holder
         self.bus = bus
         self.session = session
@@ -104,6 +105,13 @@ class Forwarder:
         request_id = f"{self._id_prefix}{next(self._ids):08x}"
         config = self.holder.current
         try:
+            if self.draining:
+                raise Refusal(
+                    503,
+                    "proxy_stopping",
+                    "the proxy is stopping; retry shortly",
+                    headers={"Connection": "close"},
+                )
             return await self._process(
                 request, config, request.app.get(TARGET_KEY), request_id, started
             )

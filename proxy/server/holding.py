@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from proxy.approvals import ApprovalDesk, QueueFull, State, fingerprint
+from proxy.approvals import ApprovalDesk, DeskClosed, QueueFull, State, fingerprint
 from proxy.config import Config
 from proxy.identity import Identity
 from proxy.identity.oidc import check_fetch_url
@@ -79,6 +79,15 @@ class Holding:
         settings = config.approvals
         self.desk.max_pending = settings.max_pending  # follow reloads
         self.desk.retry_window = settings.retry_window
+        if body is not None and len(body) > settings.max_body:
+            raise HoldRefused(
+                403,
+                "denied",
+                f"the request body is larger than "
+                f"{settings.max_body} bytes, too large to hold for approval",
+                rule=decision.rule,
+                code="body_too_large",
+            )
         if body is None:
             try:
                 body = await read_bounded(request, settings.max_body, config.limits.body_timeout)
@@ -129,6 +138,14 @@ class Holding:
                 deadline=now + settings.timeout,
                 session_expires=identity.expires_at,
             )
+        except DeskClosed:
+            raise HoldRefused(
+                503,
+                "proxy_stopping",
+                "the proxy is stopping; retry shortly",
+                decision="refused",
+                rule=decision.rule,
+            ) from None
         except QueueFull:
             raise HoldRefused(
                 429,

@@ -221,11 +221,11 @@ class ProxyRuntime:
     async def _drain(self) -> None:
         """Close every agent listener first, end keep-alive, then wait (bounded) for
         in-flight requests; whatever still runs after ``drain_timeout`` is cut."""
+        if self.forwarder is not None:
+            self.forwarder.draining = True  # new requests on kept-alive connections: 503
         for listener in self.listeners:
             for site in list(listener.runner.sites):
                 await site.stop()
-            if listener.runner.server is not None:
-                listener.runner.server.pre_shutdown()
         if self.forwarder is not None and self.forwarder.in_flight:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.forwarder.idle.wait(), self.config.proxy.drain_timeout)
