@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import re
 import zlib
 from collections.abc import Callable, Iterable
@@ -158,6 +159,7 @@ _SIMPLE = {
     b"t": "\t",
 }
 _B64 = re.compile(rb"[A-Za-z0-9+/_\-\r\n]{24,}={0,2}")
+_ASCII_RUN = re.compile(rb"[\x00-\x5b\x5d-\x7f]+")  # ASCII but the backslash
 
 
 def unescape_json(raw: bytes) -> tuple[bytes, list[tuple[int, int]]]:
@@ -185,6 +187,14 @@ def unescape_json(raw: bytes) -> tuple[bytes, list[tuple[int, int]]]:
             else:
                 char, end = _SIMPLE[esc[1:2]], found.end()
         else:
+            run = _ASCII_RUN.match(raw, pos)
+            if run is not None:
+                # Plain ASCII maps byte for byte: take the whole run at once.
+                end = run.end()
+                text.append(raw[pos:end].decode("ascii"))
+                pieces.extend(zip(range(pos, end), range(pos + 1, end + 1), strict=True))
+                pos = end
+                continue
             lead = raw[pos]
             width = 1 if lead < 0x80 else 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
             end = min(pos + width, size)
@@ -196,7 +206,17 @@ def unescape_json(raw: bytes) -> tuple[bytes, list[tuple[int, int]]]:
     return "".join(text).encode("utf-8", "surrogateescape"), pieces
 
 
+def _quick_unescape(raw: bytes) -> bytes | None:
+    """The decoded string via the C JSON parser, or None when only the careful path can say."""
+    try:
+        return json.loads(b'"' + raw + b'"').encode("utf-8")
+    except (ValueError, UnicodeError):
+        return None
+
+
 def _masked_positions(original: bytes, masked: bytes) -> list[int]:
+    if original == masked:
+        return []  # the common case: nothing masked, no per-byte walk
     return [i for i, (a, b) in enumerate(zip(original, masked, strict=True)) if a != b]
 
 
@@ -238,6 +258,16 @@ class _JsonMasking:
     def string(self, start: int, end: int) -> None:
         """One JSON string literal at ``data[start:end]`` (quotes excluded)."""
         raw = self.data[start:end]
+        escaped = b"\\" in raw
+        if not escaped and _B64.fullmatch(raw) is None:
+            return  # no escapes and not base64: the pass over the raw body already saw it all
+        quick = _quick_unescape(raw) if escaped else raw
+        if (
+            quick is not None
+            and _B64.fullmatch(quick) is None
+            and not (escaped and self.masker.scan(quick))
+        ):
+            return  # decoded (in C) and clean: skip the byte-by-byte mapping
         try:
             decoded, pieces = unescape_json(raw)
         except ValueError:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,7 +20,6 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
-from wcmatch import fnmatch
 
 from proxy.config import Config, TargetModel
 from proxy.masking.builtin import builtin_rules
@@ -29,7 +29,7 @@ from proxy.masking.key import load_or_create_mask_key
 from proxy.masking.rules import select_rules
 from proxy.masking.seen import SeenSecrets
 from proxy.masking.sse import SseMasker
-from proxy.matcher import Facts
+from proxy.matcher import Facts, compile_name_globs
 
 _OWN_CREDENTIALS = frozenset({"authorization", "proxy-authorization"})
 IDLE_FLUSH = 0.2  # seconds of upstream silence before held-back bytes that cannot be a secret go
@@ -39,6 +39,18 @@ IDLE_FLUSH = 0.2  # seconds of upstream silence before held-back bytes that cann
 IDLE_CUT = 1.0
 MAX_SPANS_IN_EVENT = 500
 CHUNK = 256 * 1024
+#: Bodies up to this size (known length) are masked whole: one write, no stream machinery.
+WHOLE_BODY = 64 * 1024
+
+
+@dataclass(frozen=True)
+class TargetMaskingPlan:
+    """What masking means for one target under one config: worked out once, reused."""
+
+    masker: Masker
+    unknown_encoding: str
+    json_limit: int
+    skip: re.Pattern[str]
 
 
 @dataclass(frozen=True)
@@ -47,7 +59,7 @@ class ResponseMasking:
     seen: SeenSecrets
     unknown_encoding: str
     json_limit: int
-    skip_types: tuple[str, ...]
+    skip: re.Pattern[str]
 
 
 class MaskingService:
@@ -58,20 +70,34 @@ class MaskingService:
         self.key = load_or_create_mask_key(state_dir)
         self._maskers: dict[str, Masker] = {}
         self._seen: OrderedDict[str, SeenSecrets] = OrderedDict()
+        self._plans: dict[tuple[str, str], TargetMaskingPlan | None] = {}
 
     def for_target(
         self, config: Config, target: TargetModel, session: str
     ) -> ResponseMasking | None:
+        key = (config.digest, target.name)
+        if key not in self._plans:
+            if len(self._plans) > 256:  # plans of configs long replaced
+                self._plans.clear()
+            self._plans[key] = self._plan(config, target)
+        plan = self._plans[key]
+        if plan is None:
+            return None
+        return ResponseMasking(
+            plan.masker, self.seen(session), plan.unknown_encoding, plan.json_limit, plan.skip
+        )
+
+    def _plan(self, config: Config, target: TargetModel) -> TargetMaskingPlan | None:
         settings, override = config.masking, target.masking
         enabled = settings.enabled if override.enabled is None else override.enabled
         if not enabled:
             return None
-        return ResponseMasking(
+        skip = compile_name_globs("skip_types", settings.skip_types or ["\x00"], nocase=True)
+        return TargetMaskingPlan(
             masker=self.masker(config, override.disable),
-            seen=self.seen(session),
             unknown_encoding=override.unknown_encoding or settings.unknown_encoding,
             json_limit=settings.json_limit,
-            skip_types=tuple(settings.skip_types),
+            skip=skip,
         )
 
     def masker(self, config: Config, extra_disable: list[str] | None = None) -> Masker:
@@ -173,7 +199,7 @@ def _media_type(headers: CIMultiDict[str]) -> str:
 def skipped(headers: CIMultiDict[str], masking: ResponseMasking) -> bool:
     """Binary media (images, video, fonts) pass unmasked: a false match would corrupt them."""
     media = _media_type(headers)
-    return bool(media) and fnmatch.fnmatch(media, list(masking.skip_types))
+    return bool(media) and masking.skip.fullmatch(media) is not None
 
 
 async def relay_masked(
@@ -199,8 +225,14 @@ async def relay_masked(
     media = _media_type(headers)
     json_body = media == "application/json" or media.endswith("+json")
     length = upstream.content_length
-    if json_body and length is not None and length <= masking.json_limit:
-        return await _relay_json(request, upstream, headers, masking, decoder, on_started)
+    if (
+        length is not None
+        and (length <= WHOLE_BODY or (json_body and length <= masking.json_limit))
+        and media != "text/event-stream"
+    ):
+        return await _relay_whole(
+            request, upstream, headers, masking, decoder, on_started, json_body=json_body
+        )
     if media == "text/event-stream":
         masked_stream = Segmented(lambda: SseMasker(masking.masker, masking.seen))
     else:
@@ -241,15 +273,18 @@ async def relay_masked(
     return response, sent, list(masked_stream.spans)
 
 
-async def _relay_json(
+async def _relay_whole(
     request: web.Request,
     upstream: aiohttp.ClientResponse,
     headers: CIMultiDict[str],
     masking: ResponseMasking,
     decoder: Decoder | None,
     on_started: Any,
+    *,
+    json_body: bool,
 ) -> tuple[web.StreamResponse, int, list[Span]]:
-    """A JSON body masked whole; bounded by json_limit (decoded), else streamed."""
+    """A body of known, bounded size masked whole and sent with its headers in one write;
+    JSON through its escapes and base64 values."""
     raw = bytearray()
     async for chunk in upstream.content.iter_chunked(CHUNK):
         raw += decoder.feed(chunk) if decoder is not None else chunk
@@ -257,7 +292,11 @@ async def _relay_json(
             raise DecodeError("decoded JSON body is too large to mask whole")
     if decoder is not None:
         raw += decoder.finish()
-    result = mask_json(masking.masker, bytes(raw), masking.seen)
+    body = bytes(raw)
+    if json_body:
+        result = mask_json(masking.masker, body, masking.seen)
+    else:
+        result = masking.masker.mask_bytes(body, masking.seen)
     on_started()
     response = web.Response(
         status=upstream.status, reason=upstream.reason, body=result.masked, headers=headers
