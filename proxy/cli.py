@@ -121,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     config_option(demo)
     demo.add_argument(
+        "--serve",
+        action="store_true",
+        help="keep running headless for a console to attach (used by the console's demo)",
+    )
+    demo.add_argument(
         "--pause",
         type=float,
         default=0.6,
@@ -166,7 +171,7 @@ def _dispatch(config: Config, args: argparse.Namespace) -> int:
     if args.command == "demo":
         from proxy.demo.runner import run_demo
 
-        return asyncio.run(run_demo(config, pause=args.pause))
+        return asyncio.run(run_demo(config, pause=args.pause, serve=args.serve))
     return EXIT_USAGE
 
 

@@ -117,7 +117,17 @@ async def _summary(admin_url: str, token: str) -> list[dict[str, Any]]:
         return (await reply.json())["flows"]
 
 
-async def run_demo(config: Config, *, pause: float = 0.6) -> int:
+async def _until_signalled() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+
+
+async def run_demo(config: Config, *, pause: float = 0.6, serve: bool = False) -> int:
+    """Plain text by default; with ``serve`` the demo keeps running headless for a console
+    attached to its admin API (the person at the console decides what is held)."""
     repo_port, build_port = _upstream_port(config, "repo"), _upstream_port(config, "build")
     if repo_port is None or build_port is None:
         print(
@@ -145,21 +155,29 @@ async def run_demo(config: Config, *, pause: float = 0.6) -> int:
         f"http://127.0.0.1:{build_port}",
         flush=True,
     )
-    proxy = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proxy",
-        "proxy",
-        "-c",
-        str(config.path),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    log_path = state_dir / "demo-proxy.log"
+    with log_path.open("wb") as log:  # a file, not a pipe: a chatty proxy can never block
+        proxy = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "proxy",
+            "proxy",
+            "-c",
+            str(config.path),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=log,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
     try:
         token = await _wait_for_admin(admin_url, state_dir / ADMIN_TOKEN_FILE, proxy)
         print(f"  proxy          {proxy_url}   admin API  {admin_url}\n", flush=True)
         agent_token = _agent_token(config, state_dir)
+        if serve:
+            print(f"admin API on {admin_url} (token in {state_dir / ADMIN_TOKEN_FILE})", flush=True)
+            agent = asyncio.create_task(run_agent(proxy_url, token=agent_token, pause=pause))
+            await _until_signalled()
+            agent.cancel()
+            return 0
         approver = asyncio.create_task(_demo_approver(admin_url, token, pause))
         try:
             steps = await run_agent(proxy_url, token=agent_token, pause=pause, on_step=_print_step)
@@ -167,8 +185,8 @@ async def run_demo(config: Config, *, pause: float = 0.6) -> int:
             approver.cancel()
         flows = await _summary(admin_url, token)
     except RuntimeError as exc:
-        stderr = await proxy.stderr.read() if proxy.stderr else b""
-        print(f"sluice demo: {exc}\n{stderr.decode(errors='replace')}", file=sys.stderr)
+        tail = log_path.read_text(errors="replace")[-4000:]
+        print(f"sluice demo: {exc}\n{tail}", file=sys.stderr)
         return 1
     finally:
         if proxy.returncode is None:
