@@ -158,7 +158,8 @@ _SIMPLE = {
     b"r": "\r",
     b"t": "\t",
 }
-_B64 = re.compile(rb"[A-Za-z0-9+/_\-\r\n]{24,}={0,2}")
+#: Base64 as APIs send it: GitHub's contents API wraps lines and ends with a newline.
+_B64 = re.compile(rb"[A-Za-z0-9+/_\-\r\n]{24,}={0,2}[\r\n]*")
 _ASCII_RUN = re.compile(rb"[\x00-\x5b\x5d-\x7f]+")  # ASCII but the backslash
 
 

@@ -144,7 +144,11 @@ class Forwarder:
             bus.publish("request.received", path=request.path, **received)
             raise Refusal(400, "bad_request", exc.reason) from None
         target_name = where.name
-        received.update(target=target_name, path=where.path, query=where.raw_query)
+        shown_path, shown_query = where.path, where.raw_query
+        if self.masking is not None:  # a token in a URL must not reach events or the console
+            shown_path = self.masking.redact_text(config, shown_path)
+            shown_query = self.masking.redact_text(config, shown_query)
+        received.update(target=target_name, path=shown_path, query=shown_query)
         identity = await self._authenticate(request, config, received)
         bus.publish("request.received", **received, **identity.to_event())
         target = config.targets.get(target_name) if target_name else None

@@ -23,7 +23,7 @@ from multidict import CIMultiDict
 
 from proxy.config import Config, TargetModel
 from proxy.masking.builtin import builtin_rules
-from proxy.masking.encodings import DecodeError, Decoder, mask_json, scan
+from proxy.masking.encodings import DecodeError, Decoder, decode_body, mask_json, scan
 from proxy.masking.engine import Masker, Span
 from proxy.masking.key import load_or_create_mask_key
 from proxy.masking.rules import select_rules
@@ -37,7 +37,8 @@ IDLE_FLUSH = 0.2  # seconds of upstream silence before held-back bytes that cann
 #: interactive stream must not stall on its last few bytes. A secret split across a pause
 #: this long is the price (documented in docs/masking.md).
 IDLE_CUT = 1.0
-MAX_SPANS_IN_EVENT = 500
+#: Spans listed in an event (the count is always exact): events are kept in memory.
+MAX_SPANS_IN_EVENT = 50
 CHUNK = 256 * 1024
 #: Bodies up to this size (known length) are masked whole: one write, no stream machinery.
 WHOLE_BODY = 64 * 1024
@@ -125,13 +126,32 @@ class MaskingService:
         """
         masker = self.masker(config)
         seen = self.seen(session)
-        parts = [body, facts.query.encode("latin-1", "replace")]
+        encoding = request.headers.get("Content-Encoding", "").strip().lower()
+        if body and encoding and encoding != "identity":
+            try:  # the server no longer inflates bodies in transit: do it here to look inside
+                body = decode_body(body, encoding, max_size=64 * 1024 * 1024)
+            except DecodeError:
+                return True  # cannot look inside, so cannot say it is clean: fail closed
+        parts = [
+            body,
+            facts.query.encode("latin-1", "replace"),
+            facts.path.encode("utf-8", "surrogateescape"),
+            request.raw_path.encode("latin-1", "replace"),
+        ]
         parts += [
             value.encode("latin-1", "replace")
             for name, value in request.headers.items()
             if name.lower() not in _OWN_CREDENTIALS
         ]
         return any(scan(masker, part, seen) for part in parts if part)
+
+    def redact_text(self, config: Config, text: str) -> str:
+        """Paths and queries shown in events and the console: masked like a body would be."""
+        if not text or not config.masking.enabled:
+            return text
+        data = text.encode("utf-8", "surrogateescape")
+        masked = self.masker(config).mask_bytes(data).masked
+        return text if masked == data else masked.decode("utf-8", "replace")
 
     def seen(self, session: str) -> SeenSecrets:
         found = self._seen.get(session)
@@ -151,8 +171,11 @@ class Segmented:
     one; spans keep their offsets in the whole response.
     """
 
-    def __init__(self, factory: Callable[[], Any]) -> None:
+    def __init__(
+        self, factory: Callable[[], Any], can_cut: Callable[[Any], bool] | None = None
+    ) -> None:
         self._factory = factory
+        self._can_cut = can_cut
         self._current = factory()
         self._base = 0
         self._fed = 0
@@ -169,6 +192,8 @@ class Segmented:
     def cut(self) -> bytes:
         if self._out >= self._fed:
             return b""  # nothing held back: no need to start over
+        if self._can_cut is not None and not self._can_cut(self._current):
+            return self.flush_idle()
         out = self.finish()
         self._base += self._fed
         self._fed = self._out = 0
@@ -211,8 +236,10 @@ async def relay_masked(
 ) -> tuple[web.StreamResponse, int, list[Span]]:
     """Send the masked response; return it, the bytes sent and the mask spans.
 
-    Raises UnmaskableEncoding before anything is sent when the body cannot be decoded and
-    the target refuses what it cannot mask.
+    A body that fits (64 KiB, or ``json_limit`` for JSON, decoded) is masked whole and sent
+    in one write; a bigger one streams, starting with what was already read. Raises
+    UnmaskableEncoding before anything is sent when the body cannot be decoded and the
+    target refuses what it cannot mask.
     """
     encoding = headers.get("Content-Encoding", "").strip().lower()
     decoder = None
@@ -224,17 +251,19 @@ async def relay_masked(
         del headers["Content-Encoding"]
     media = _media_type(headers)
     json_body = media == "application/json" or media.endswith("+json")
+    sse = media == "text/event-stream"
     length = upstream.content_length
-    if (
-        length is not None
-        and (length <= WHOLE_BODY or (json_body and length <= masking.json_limit))
-        and media != "text/event-stream"
-    ):
-        return await _relay_whole(
-            request, upstream, headers, masking, decoder, on_started, json_body=json_body
+    prefix = b""
+    whole = json_body or (length is not None and length <= WHOLE_BODY)
+    if not sse and whole and (length is None or length <= masking.json_limit):
+        limit = masking.json_limit if json_body else WHOLE_BODY
+        prefix, complete = await _read_upto(upstream, decoder, limit, IDLE_CUT)
+        if complete:
+            return _whole(upstream, headers, masking, prefix, on_started, json_body=json_body)
+    if sse:
+        masked_stream = Segmented(
+            lambda: SseMasker(masking.masker, masking.seen), can_cut=_sse_at_line_end
         )
-    if media == "text/event-stream":
-        masked_stream = Segmented(lambda: SseMasker(masking.masker, masking.seen))
     else:
         masked_stream = Segmented(lambda: masking.masker.stream(masking.seen))
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
@@ -244,6 +273,10 @@ async def relay_masked(
     on_started()
     await response.prepare(request)
     sent = 0
+    out = masked_stream.feed(prefix) if prefix else b""
+    if out:
+        await response.write(out)
+        sent += len(out)
     reader = upstream.content
     quiet = 0.0
     while True:
@@ -273,26 +306,46 @@ async def relay_masked(
     return response, sent, list(masked_stream.spans)
 
 
-async def _relay_whole(
-    request: web.Request,
+async def _read_upto(
+    upstream: aiohttp.ClientResponse, decoder: Decoder | None, limit: int, patience: float
+) -> tuple[bytes, bool]:
+    """Read and decode up to ``limit`` bytes for at most ``patience`` seconds; (what was
+    read, whether that was all). A slow body goes on as a stream: nothing interactive waits
+    for a whole body."""
+    raw = bytearray()
+    reader = upstream.content
+    deadline = asyncio.get_running_loop().time() + patience
+    while len(raw) <= limit:
+        remaining = deadline - asyncio.get_running_loop().time()
+        if remaining <= 0:
+            return bytes(raw), False
+        try:
+            chunk = await asyncio.wait_for(reader.readany(), remaining)
+        except TimeoutError:
+            return bytes(raw), False
+        if not chunk:
+            if decoder is not None:
+                raw += decoder.finish()
+            return bytes(raw), len(raw) <= limit
+        raw += decoder.feed(chunk) if decoder is not None else chunk
+    return bytes(raw), False
+
+
+def _sse_at_line_end(stream: Any) -> bool:
+    """An SSE segment is only cut between lines: the rest of a line must stay a data line."""
+    return not getattr(stream, "_partial", b"")
+
+
+def _whole(
     upstream: aiohttp.ClientResponse,
     headers: CIMultiDict[str],
     masking: ResponseMasking,
-    decoder: Decoder | None,
+    body: bytes,
     on_started: Any,
     *,
     json_body: bool,
 ) -> tuple[web.StreamResponse, int, list[Span]]:
-    """A body of known, bounded size masked whole and sent with its headers in one write;
-    JSON through its escapes and base64 values."""
-    raw = bytearray()
-    async for chunk in upstream.content.iter_chunked(CHUNK):
-        raw += decoder.feed(chunk) if decoder is not None else chunk
-        if len(raw) > 4 * masking.json_limit:  # a compressed body may expand; bounded all the same
-            raise DecodeError("decoded JSON body is too large to mask whole")
-    if decoder is not None:
-        raw += decoder.finish()
-    body = bytes(raw)
+    """Masked whole (JSON through its escapes and base64 values), sent in one write."""
     if json_body:
         result = mask_json(masking.masker, body, masking.seen)
     else:

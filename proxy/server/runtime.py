@@ -128,6 +128,9 @@ class ProxyRuntime:
             "max_field_size": limits.max_header_size,
             "max_headers": limits.max_headers,
             "access_log": None,
+            # Bodies pass as sent: inflating them here would forward a decoded body under
+            # the agent's Content-Encoding. The outbound scan decodes for itself.
+            "auto_decompress": False,
             "handle_signals": False,
             # The drain itself is bounded by _drain(); this only cuts what is left after it.
             "shutdown_timeout": 0.1,

@@ -1,0 +1,80 @@
+"""What a caller's fields become before they are chained: redacted, normalised, bodies encoded.
+
+Redaction happens here, inside the recorder, so no caller can forget it: credential
+headers (``Authorization``, ``Proxy-Authorization``, ``Cookie``, ``Set-Cookie``, the
+recorder's configured names and the per-call ``injected`` names) become ``[REDACTED]``;
+``secret_values`` (e.g. the raw injected token) are scrubbed from every header value and
+from the URL and never stored. Bodies are bytes or str: inline text, base64, a truncated
+prefix, or handed back to be stored as a sidecar blob.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable
+from typing import Any, Literal
+
+from proxy.recording import format as fmt
+
+_SESSION_MEMORY = 100_000
+
+
+class FieldPreparer:
+    def __init__(
+        self,
+        *,
+        redact_headers: Iterable[str],
+        max_inline_body: int,
+        oversize: Literal["sidecar", "truncate"],
+    ) -> None:
+        self.redact_headers = frozenset(name.lower() for name in redact_headers)
+        self.max_inline_body = max_inline_body
+        self.oversize = oversize
+        #: request_id -> session, so decisions and responses carry their session too.
+        self._sessions: OrderedDict[str, str] = OrderedDict()
+
+    def prepare(self, kind: str, fields: dict[str, Any]) -> tuple[dict[str, Any], bytes | None]:
+        """``(fields ready to chain, body bytes to store as a blob or None)``."""
+        fields = dict(fields)
+        injected = [str(name).lower() for name in fields.pop("injected", None) or ()]
+        secrets = [str(value) for value in fields.pop("secret_values", None) or ()]
+        for key in ("session", "request_id", "action"):
+            if fields.get(key) is not None:
+                fields[key] = str(fields[key])
+        if fields.get("status") is not None:
+            fields["status"] = int(fields["status"])
+        self._link_session(kind, fields)
+        if "headers" in fields:
+            names = self.redact_headers.union(injected)
+            fields["headers"] = fmt.redact_headers(fields["headers"], names, secrets)
+            if injected:
+                fields["injected"] = sorted(set(injected))
+        if isinstance(fields.get("url"), str):
+            fields["url"] = fmt.redact_url(fields["url"], secrets)
+        if fields.get("mask_spans") is not None:
+            fields["mask_spans"] = [
+                span.as_dict() if hasattr(span, "as_dict") else dict(span)
+                for span in fields["mask_spans"]
+            ]
+        body = fields.get("body")
+        if body is None:
+            return fields, None
+        data = fmt.body_bytes_of(body)
+        if len(data) <= self.max_inline_body:
+            fields["body"] = fmt.inline_body(data)
+        elif self.oversize == "truncate":
+            fields["body"] = fmt.truncated_body(data, self.max_inline_body)
+        else:
+            return fields, data
+        return fields, None
+
+    def _link_session(self, kind: str, fields: dict[str, Any]) -> None:
+        request_id, session = fields.get("request_id"), fields.get("session")
+        if request_id is None:
+            return
+        if session is None and request_id in self._sessions:
+            fields["session"] = self._sessions[request_id]
+        elif session is not None and kind == fmt.REQUEST:
+            self._sessions[request_id] = session
+            while len(self._sessions) > _SESSION_MEMORY:
+                self._sessions.popitem(last=False)

@@ -1,0 +1,457 @@
+"""The session recorder: durable, chained, signed, and fail-closed.
+
+``await recorder.append(kind, **fields)`` returns a record's ``seq`` only once the record
+is on disk (written and fsynced). Appenders that arrive while an fsync runs are written
+and fsynced together next (group commit), in one dedicated thread, so the event loop
+never blocks on the disk and throughput does not collapse to one fsync per request.
+
+Any write error (ENOSPC, EROFS, EIO, a closed file) puts the recorder in the ``failed``
+state: every append raises ``RecorderUnavailable`` until ``recover()`` succeeds, because a
+gateway that cannot record must stop serving (Teleport, Vault). ``recover()`` cuts the
+current file back to the last fsynced record (keeping a ``.broken`` copy): what callers
+were told failed is exactly what is gone.
+
+Fields the recorder treats specially (all kinds): ``headers`` (credential headers and the
+caller's ``injected`` header names redacted; ``secret_values`` scrubbed, never stored),
+``url`` (password and ``secret_values`` scrubbed), ``body`` (bytes or str: inline text,
+base64, a sidecar blob or a truncated prefix), ``mask_spans`` (``Span`` objects or dicts),
+and ``request_id`` (``session`` filled in from the request record when missing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from proxy.recording import format as fmt
+from proxy.recording.disk import Disk
+from proxy.recording.errors import RecorderUnavailable, RecordingCorrupt, safe_reason
+from proxy.recording.files import BLOBS_DIR, UnsafePath, ensure_private_dir, file_name, write_all
+from proxy.recording.keys import Signer, load_or_create_signing_key, publish_public_key
+from proxy.recording.prepare import FieldPreparer
+from proxy.recording.recovery import OpenPlan, Position, file_intro, plan_open
+from proxy.recording.storage import apply_retention, clean_temp_blobs, store_blob
+
+log = logging.getLogger("sluice.recording")
+
+State = Literal["closed", "ok", "failed"]
+StateCallback = Callable[[str, str | None], None]
+
+
+def _write(fd: int, data: bytes) -> None:
+    """The one place records reach the disk (tests inject errors here)."""
+    write_all(fd, data)
+
+
+@dataclass(slots=True)
+class _Item:
+    pos: Position
+    line: bytes
+    future: asyncio.Future[int] | None
+
+
+@dataclass
+class RecorderStats:
+    records: int = 0
+    batches: int = 0
+
+
+class Recorder:
+    def __init__(
+        self,
+        directory: Path | str,
+        signing_key_path: Path | str,
+        *,
+        rotate_bytes: int = 64 * 1024 * 1024,
+        rotate_seconds: float = 86400.0,
+        retention_seconds: float | None = 30 * 86400.0,
+        checkpoint_every: int = 1000,
+        checkpoint_seconds: float = 30.0,
+        max_inline_body: int = 256 * 1024,
+        oversize: Literal["sidecar", "truncate"] = "sidecar",
+        redact_headers: Iterable[str] = (),
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if oversize not in ("sidecar", "truncate"):
+            raise ValueError('oversize must be "sidecar" or "truncate"')
+        if rotate_bytes <= 0 or checkpoint_every <= 0 or max_inline_body < 0:
+            raise ValueError("rotate_bytes and checkpoint_every must be positive")
+        self.directory = Path(directory)
+        self.blobs = self.directory / BLOBS_DIR
+        self.signing_key_path = Path(signing_key_path)
+        self.rotate_bytes = rotate_bytes
+        self.rotate_seconds = rotate_seconds
+        self.retention_seconds = retention_seconds
+        self.checkpoint_every = checkpoint_every
+        self.checkpoint_seconds = checkpoint_seconds
+        self.max_inline_body = max_inline_body
+        self.oversize = oversize
+        self._fields = FieldPreparer(
+            redact_headers=redact_headers, max_inline_body=max_inline_body, oversize=oversize
+        )
+        self._clock = clock
+        self.stats = RecorderStats()
+        self.problems: list[RecordingCorrupt] = []
+        self.failure: str | None = None
+        self._state: State = "closed"
+        self._reported: State = "closed"
+        self._callbacks: list[StateCallback] = []
+        self._signer: Signer | None = None
+        self._pos: Position | None = None
+        self._durable: Position | None = None
+        self._intro: tuple[str, dict[str, Any]] | None = None
+        self._pending: list[_Item] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self._ticker: asyncio.Task[None] | None = None
+        self._retention: asyncio.Task[None] | None = None
+        self._last_retention = 0.0
+        self._io: ThreadPoolExecutor | None = None
+        self._aux: ThreadPoolExecutor | None = None
+        self._disk = Disk(self.directory, lambda fd, data: _write(fd, data))
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @property
+    def current_file(self) -> Path | None:
+        return self._pos.path if self._pos else None
+
+    @property
+    def last_seq(self) -> int:
+        return self._durable.seq if self._durable else 0
+
+    @property
+    def key_id(self) -> str | None:
+        return self._signer.key_id if self._signer else None
+
+    def on_state_change(self, callback: StateCallback) -> None:
+        """``callback(state, reason)`` with ``"ok"``/``"failed"``/``"closed"`` on each change."""
+        self._callbacks.append(callback)
+
+    async def __aenter__(self) -> Recorder:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.close()
+
+    async def open(self) -> None:
+        """Create or repair the directory, then resume; durable before it returns."""
+        if self._state != "closed":
+            raise RuntimeError("recorder is already open")
+        self._io = ThreadPoolExecutor(1, thread_name_prefix="sluice-recorder")
+        self._aux = ThreadPoolExecutor(1, thread_name_prefix="sluice-recorder-aux")
+        loop = asyncio.get_running_loop()
+        try:
+            plan = await loop.run_in_executor(self._io, self._open_sync)
+        except Exception as exc:
+            self._shutdown_executors()
+            reason = str(exc) if isinstance(exc, UnsafePath) else safe_reason(exc)
+            raise RecorderUnavailable(f"cannot open the recording directory: {reason}") from None
+        self.problems = plan.problems
+        self._pos = self._durable = plan.position
+        self._state = "ok"
+        future = self._enqueue_intro(plan.intro)
+        self._kick()
+        self._ticker = loop.create_task(self._tick())
+        await future  # a failure here leaves the recorder open and failed: recover() or close()
+        self._schedule_retention()
+        self._report("ok", None)
+
+    async def append(self, kind: str, **fields: Any) -> int:
+        """Record one event; returns its seq once durable, or raises ``RecorderUnavailable``."""
+        fmt.check_kind(kind)
+        if kind == fmt.CHECKPOINT or kind.startswith("recorder."):
+            raise ValueError(f"record kind {kind!r} is reserved for the recorder")
+        self._ensure_ok()
+        prepared, big = self._fields.prepare(kind, fields)
+        if big is not None:
+            prepared["body"] = await self._store(big)
+            self._ensure_ok()
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._maybe_rotate(self._clock())
+        seq = self._enqueue(kind, prepared, future)
+        assert self._pos is not None
+        if kind == fmt.SESSION_END or self._pos.since_checkpoint >= self.checkpoint_every:
+            self._enqueue(fmt.CHECKPOINT, {}, None)
+        self._kick()
+        await future
+        return seq
+
+    async def checkpoint(self) -> int | None:
+        """Seal what is unsealed now; None if nothing was."""
+        self._ensure_ok()
+        assert self._pos is not None
+        if self._pos.since_checkpoint == 0:
+            return None
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        seq = self._enqueue(fmt.CHECKPOINT, {}, future)
+        self._kick()
+        await future
+        return seq
+
+    async def recover(self) -> None:
+        """Leave the failed state: cut back to the last fsynced record, then record that."""
+        if self._state == "ok":
+            return
+        if self._state == "closed" or self._durable is None:
+            raise RecorderUnavailable("recorder is not open")
+        await self._drain()
+        loop = asyncio.get_running_loop()
+        try:
+            truncated, broken = await loop.run_in_executor(
+                self._io, self._disk.cut_back, self._durable
+            )
+        except Exception as exc:
+            raise RecorderUnavailable(f"recovery failed: {safe_reason(exc)}") from None
+        self._pos = self._durable
+        self._state, cause, self.failure = "ok", self.failure, None
+        intro = [] if self._durable.size or self._intro is None else [self._intro]
+        kind = fmt.RECOVERED if truncated else fmt.RESUMED
+        fields = {"file": self._durable.path.name, "cause": "write_error", "error": cause}
+        if truncated:
+            fields.update(truncated_bytes=truncated, broken=broken)
+        future = self._enqueue_intro([*intro, (kind, fields)])
+        self._kick()
+        await future
+        self._report("ok", None)
+
+    async def close(self) -> None:
+        """Write a final checkpoint, wait for the disk, release the file."""
+        if self._state == "closed":
+            return
+        for task in (self._ticker, self._retention):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        error: RecorderUnavailable | None = None
+        if self._state == "ok":
+            try:
+                await self.checkpoint()
+            except RecorderUnavailable as exc:
+                error = exc
+        await self._drain()
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(OSError):
+            await loop.run_in_executor(self._io, self._disk.close)
+        self._shutdown_executors()
+        self._state = "closed"
+        self._report("closed", None)
+        if error is not None:
+            raise error
+
+    # ------------------------------------------------------------------ event loop side
+
+    def _ensure_ok(self) -> None:
+        if self._state == "failed":
+            raise RecorderUnavailable(self.failure or "recorder failed")
+        if self._state != "ok":
+            raise RecorderUnavailable("recorder is not open")
+
+    def _report(self, state: State, reason: str | None) -> None:
+        if state == self._reported:
+            return
+        self._reported = state
+        for callback in list(self._callbacks):
+            try:
+                callback(state, reason)
+            except Exception:
+                log.exception("recorder state callback failed")
+
+    async def _store(self, data: bytes) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        assert self._aux is not None
+        try:
+            digest = await loop.run_in_executor(self._aux, store_blob, self.blobs, data)
+        except (OSError, UnsafePath) as exc:
+            self._fail(safe_reason(exc) if isinstance(exc, OSError) else str(exc), [])
+            raise RecorderUnavailable(self.failure or "blob write failed") from None
+        return fmt.blob_ref(digest, len(data))
+
+    def _enqueue(
+        self, kind: str, fields: dict[str, Any], future: asyncio.Future[int] | None
+    ) -> int:
+        pos, signer = self._pos, self._signer
+        assert pos is not None and signer is not None
+        ts = max(self._clock(), pos.ts)
+        seq = pos.seq + 1
+        if kind == fmt.CHECKPOINT:
+            record = fmt.make_checkpoint(
+                seq,
+                ts,
+                pos.head,
+                from_seq=pos.checkpoint_from,
+                chain=pos.chain,
+                key_id=signer.key_id,
+                sign=signer.sign,
+            )
+        else:
+            record = fmt.build_record(seq, ts, pos.head, kind, fields)
+        line = fmt.encode_record(record)  # a value JSON cannot hold raises here, state intact
+        sealed = kind == fmt.CHECKPOINT
+        self._pos = replace(
+            pos,
+            seq=seq,
+            head=fmt.line_hash(line),
+            ts=ts,
+            size=pos.size + len(line),
+            checkpoint_from=seq + 1 if sealed else pos.checkpoint_from,
+            since_checkpoint=0 if sealed else pos.since_checkpoint + 1,
+            last_checkpoint_ts=ts if sealed else pos.last_checkpoint_ts,
+        )
+        self._pending.append(_Item(self._pos, line, future))
+        return seq
+
+    def _enqueue_intro(self, intro: list[tuple[str, dict[str, Any]]]) -> asyncio.Future[int]:
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        for number, (kind, fields) in enumerate(intro):
+            if kind in fmt.FILE_START_KINDS:
+                self._intro = (kind, fields)
+            self._enqueue(kind, fields, future if number == len(intro) - 1 else None)
+        return future
+
+    def _maybe_rotate(self, now: float) -> None:
+        pos = self._pos
+        assert pos is not None
+        if pos.seq <= pos.file_first_seq:
+            return
+        if pos.size >= self.rotate_bytes:
+            reason = "size"
+        elif now - pos.file_started >= self.rotate_seconds:
+            reason = "age"
+        else:
+            return
+        if pos.since_checkpoint:
+            self._enqueue(fmt.CHECKPOINT, {}, None)
+            pos = self._pos
+        index = pos.index + 1
+        path = self.directory / file_name(now, index)
+        self._pos = replace(
+            pos,
+            path=path,
+            index=index,
+            size=0,
+            file_started=now,
+            file_first_seq=pos.seq + 1,
+            checkpoint_from=pos.seq + 1,
+        )
+        fields = file_intro(self._pos, pos.path.name, "rotation")
+        fields["rotated_by"] = reason
+        self._intro = (fmt.FILE_START, fields)
+        self._enqueue(fmt.FILE_START, fields, None)
+        self._schedule_retention()
+
+    def _kick(self) -> None:
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(self._flush())
+
+    async def _drain(self) -> None:
+        if self._flusher is not None:
+            with contextlib.suppress(Exception):
+                await self._flusher
+
+    async def _flush(self) -> None:
+        """Group commit: everything queued while the last fsync ran goes in the next one."""
+        loop = asyncio.get_running_loop()
+        while self._pending:
+            if self._state != "ok":
+                self._fail(self.failure or "recorder failed", [])
+                return
+            batch, self._pending = self._pending, []
+            try:
+                await loop.run_in_executor(self._io, self._disk.write_batch, batch)
+            except Exception as exc:
+                reason = str(exc) if isinstance(exc, UnsafePath) else safe_reason(exc)
+                self._fail(f"write failed: {reason}", batch)
+                return
+            self._durable = batch[-1].pos
+            self.stats.records += len(batch)
+            self.stats.batches += 1
+            for item in batch:
+                if item.future is not None and not item.future.done():
+                    item.future.set_result(item.pos.seq)
+
+    def _fail(self, reason: str, batch: list[_Item]) -> None:
+        if self._state != "failed":
+            log.error("recorder failed: %s", reason)
+        self._state, self.failure = "failed", reason
+        error = RecorderUnavailable(reason)
+        for item in [*batch, *self._pending]:
+            if item.future is not None and not item.future.done():
+                item.future.set_exception(error)
+        self._pending = []
+        self._report("failed", reason)
+
+    async def _tick(self) -> None:
+        interval = max(0.01, min(1.0, self.checkpoint_seconds / 4))
+        while True:
+            await asyncio.sleep(interval)
+            if self._state != "ok" or self._pos is None:
+                continue
+            now = self._clock()
+            if (
+                self._pos.since_checkpoint
+                and now - self._pos.last_checkpoint_ts >= self.checkpoint_seconds
+            ):
+                self._enqueue(fmt.CHECKPOINT, {}, None)
+                self._kick()
+            if self.retention_seconds and now - self._last_retention >= min(
+                3600.0, self.retention_seconds / 2
+            ):
+                self._schedule_retention()
+
+    def _schedule_retention(self) -> None:
+        if not self.retention_seconds or (self._retention and not self._retention.done()):
+            return
+        self._retention = asyncio.get_running_loop().create_task(self._apply_retention())
+
+    async def _apply_retention(self) -> None:
+        now = self._last_retention = self._clock()
+        assert self._pos is not None and self.retention_seconds is not None
+        loop = asyncio.get_running_loop()
+        try:
+            deleted = await loop.run_in_executor(
+                self._aux,
+                apply_retention,
+                self.directory,
+                now,
+                self.retention_seconds,
+                self._pos.path,
+            )
+        except OSError as exc:
+            log.warning("recording retention failed: %s", safe_reason(exc))
+            return
+        if deleted and self._state == "ok":
+            self._enqueue(
+                fmt.RETENTION,
+                {"deleted": deleted, "older_than_seconds": self.retention_seconds},
+                None,
+            )
+            self._kick()
+
+    def _shutdown_executors(self) -> None:
+        for pool in (self._io, self._aux):
+            if pool is not None:
+                pool.shutdown(wait=True)
+        self._io = self._aux = None
+
+    # ------------------------------------------------------------------ I/O thread side
+
+    def _open_sync(self) -> OpenPlan:
+        ensure_private_dir(self.directory)
+        ensure_private_dir(self.blobs)
+        self._signer = load_or_create_signing_key(self.signing_key_path)
+        publish_public_key(self.directory, self._signer)
+        clean_temp_blobs(self.blobs)
+        return plan_open(self.directory, self._clock())
