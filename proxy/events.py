@@ -12,8 +12,12 @@ import itertools
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
+
+#: The session of the request being handled in this task (set once identity is known).
+CURRENT_SESSION: ContextVar[str | None] = ContextVar("sluice_session", default=None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +75,8 @@ class EventBus:
             self._typed.setdefault(type_, []).append(listener)
 
     def publish(self, type_: str, **data: Any) -> Event:
+        if "session" not in data and (session := CURRENT_SESSION.get()) is not None:
+            data["session"] = session  # every event of a request names its session
         event = Event(next(self._seq), time.time(), type_, data)
         self.last_seq = event.seq
         self._ring.append(event)

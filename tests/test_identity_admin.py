@@ -361,3 +361,37 @@ def test_mode_none_on_loopback_is_accepted(tmp_path: Path) -> None:
     config.write_text(tomli_w.dumps(document), encoding="utf-8")
     result = sluice("check-config", "-c", str(config), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.asyncio
+async def test_every_event_of_a_request_names_its_session(tmp_path: Path) -> None:
+    """Identity issue: the session id is in every event of an authenticated request."""
+    from aiohttp import web
+
+    from tests.helpers import client_session, running_proxy, upstream_app, write_config
+
+    async def ok(_request: web.Request) -> web.Response:
+        return web.Response(text="fine")
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", ok)
+    async with upstream_app(app) as url:
+        path = write_config(
+            tmp_path, upstreams={"repo": url}, proxy={"state_dir": str(tmp_path / "state")}
+        )
+        text = path.read_text().replace("[proxy]", '[identity]\nmode = "local"\n\n[proxy]', 1)
+        path.write_text(text)
+        async with running_proxy(path) as runtime, client_session() as client:
+            assert runtime.gate is not None and runtime.gate.local_issuer is not None
+            token = runtime.gate.local_issuer.issue("ada", ["agents"], 600)
+            async with client.get(
+                f"{runtime.main_url}/repo/x", headers={"Authorization": f"Bearer {token}"}
+            ) as reply:
+                assert reply.status == 200
+                request_id = reply.headers["X-Sluice-Request-Id"]
+            events = [e for e in runtime.bus.since(0)[0] if e.data.get("request_id") == request_id]
+            kinds = [e.type for e in events]
+            assert kinds[0] == "request.received" and kinds[-1] == "request.completed"
+            assert len(events) >= 4
+            assert {e.data.get("session") for e in events} == {events[0].data["session"]}
+            assert events[0].data["session"].startswith("ada/")

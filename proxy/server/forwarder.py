@@ -20,7 +20,7 @@ from aiohttp import web
 
 from proxy.config import Config, TargetModel
 from proxy.credentials import CredentialUnavailable, Injected
-from proxy.events import EventBus
+from proxy.events import CURRENT_SESSION, EventBus
 from proxy.headers import forwarded_headers, request_headers_for_upstream
 from proxy.identity import Identity, IdentityError, KeysUnavailable
 from proxy.matcher import Facts, headers_for_facts
@@ -150,6 +150,7 @@ class Forwarder:
             shown_query = self.masking.redact_text(config, shown_query)
         received.update(target=target_name, path=shown_path, query=shown_query)
         identity = await self._authenticate(request, config, received)
+        CURRENT_SESSION.set(identity.session)
         bus.publish("request.received", **received, **identity.to_event())
         target = config.targets.get(target_name) if target_name else None
         if target is None:
