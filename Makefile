@@ -22,8 +22,13 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# Each prints its figures and PASS/MISS against its target; docs/benchmarks.md records them.
 bench: $(STAMP)
 	$(BIN)/python tests/benchmarks/bench_proxy.py
+	$(BIN)/python tests/benchmarks/bench_masking.py
+	$(BIN)/python tests/benchmarks/bench_masking_proxy.py
+	$(BIN)/python tests/benchmarks/bench_approvals.py
+	$(BIN)/python tests/benchmarks/bench_console.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check proxy console tests
