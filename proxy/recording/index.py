@@ -118,6 +118,23 @@ class FileIndex:
         )
 
 
+def _counted(kind: str, head: fmt.Head) -> tuple[str, ...]:
+    """The counters a record adds to (file totals and its session's summary)."""
+    if kind == fmt.REQUEST:
+        return ("requests",)
+    if kind == fmt.RESPONSE:
+        return ("responses", "masked") if head.masked else ("responses",)
+    if kind == fmt.DECISION:
+        if head.action in fmt.DENIED_ACTIONS:
+            return ("decisions", "denied")
+        if head.action in fmt.HELD_ACTIONS:
+            return ("decisions", "held")
+        return ("decisions",)
+    if kind == fmt.ERROR:
+        return ("errors",)
+    return ()
+
+
 class _Builder:
     """Feeds lines into an index; can start from an existing one to extend it."""
 
@@ -127,6 +144,7 @@ class _Builder:
         self.requests = _uncsr(base.request_ids, base.request_ptr, base.request_rows)
         self.request_session: dict[str, str] = {}
         self.last_ts = base.tsmax[-1] if base.tsmax else float("-inf")
+        self.tail: tuple[int, bytes] | None = None
 
     def feed(self, offset: int, line: bytes) -> None:
         index = self.index
@@ -135,13 +153,14 @@ class _Builder:
             index.bad_offsets.append(offset)
             return
         row = len(index.offsets)
-        if index.seqs and head.seq != index.seqs[-1] + 1:
+        if row and head.seq != index.seqs[-1] + 1:
             index.contiguous = False
         index.offsets.append(offset)
         index.seqs.append(head.seq)
-        self.last_ts = max(self.last_ts, head.ts)
+        if head.ts > self.last_ts:
+            self.last_ts = head.ts
         index.tsmax.append(self.last_ts)
-        index.tail_offset, index.tail_hash = offset, fmt.line_hash(line + b"\n")
+        self.tail = (offset, line)
         counts, kind, session, request_id = index.counts, head.kind, head.session, head.request_id
         counts["records"] += 1
         if request_id is not None:
@@ -150,42 +169,32 @@ class _Builder:
                 session = self.request_session.get(request_id)
             elif kind == fmt.REQUEST:
                 self.request_session[request_id] = session
-        denied = kind == fmt.DECISION and head.action in fmt.DENIED_ACTIONS
-        held = kind == fmt.DECISION and head.action in fmt.HELD_ACTIONS
-        masked = kind == fmt.RESPONSE and head.masked
-        for name, hit in (
-            ("requests", kind == fmt.REQUEST),
-            ("responses", kind == fmt.RESPONSE),
-            ("decisions", kind == fmt.DECISION),
-            ("denied", denied),
-            ("held", held),
-            ("masked", masked),
-            ("errors", kind == fmt.ERROR),
-        ):
-            if hit:
-                counts[name] += 1
+        counted = _counted(kind, head)
+        for name in counted:
+            counts[name] += 1
         if session is None:
             return
         self.sessions.setdefault(session, []).append(row)
         summary = index.sessions.get(session)
         if summary is None:
             summary = index.sessions[session] = _summary(head.ts)
-        summary["first_ts"] = min(summary["first_ts"], head.ts)
-        summary["last_ts"] = max(summary["last_ts"], head.ts)
+        if head.ts < summary["first_ts"]:
+            summary["first_ts"] = head.ts
+        if head.ts > summary["last_ts"]:
+            summary["last_ts"] = head.ts
         if kind == fmt.SESSION_START:
-            record = json.loads(line)
             summary["start"] = head.ts
-            summary["subject"] = record.get("subject")
+            summary["subject"] = json.loads(line).get("subject")
         elif kind == fmt.SESSION_END:
             summary["end"] = head.ts
-        summary["requests"] += kind == fmt.REQUEST
-        summary["denied"] += denied
-        summary["held"] += held
-        summary["masked"] += masked
-        summary["errors"] += kind == fmt.ERROR
+        for name in counted:
+            if name in summary:
+                summary[name] += 1
 
     def finish(self) -> FileIndex:
         index = self.index
+        if self.tail is not None:
+            index.tail_offset, index.tail_hash = self.tail[0], fmt.line_hash(self.tail[1] + b"\n")
         index.session_ids, index.session_ptr, index.session_rows = _csr(self.sessions)
         index.request_ids, index.request_ptr, index.request_rows = _csr(self.requests)
         index._session_pos = index._request_pos = None

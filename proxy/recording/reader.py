@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import IO, Any, Literal
 
 from proxy.recording import format as fmt
+from proxy.recording.errors import RecordingCorrupt
 from proxy.recording.files import BLOBS_DIR, list_recordings
 from proxy.recording.index import FileIndex, open_index
 from proxy.recording.storage import load_blob
@@ -76,8 +77,12 @@ class Recording:
         self.files = files
         self.directory = directory
         self._cache = cache
-        self.indexes: list[FileIndex] = [open_index(path, cache=cache) for path in files]
         self._handles: dict[Path, IO[bytes]] = {}
+        self._load()
+
+    def _load(self) -> None:
+        self.indexes: list[FileIndex] = [open_index(p, cache=self._cache) for p in self.files]
+        self._firsts = [index.seqs[0] if index.seqs else -1 for index in self.indexes]
 
     @classmethod
     def open(cls, path: Path | str, *, cache: bool = True) -> Recording:
@@ -94,7 +99,7 @@ class Recording:
         if self.directory is not None:
             self.files = list_recordings(self.directory)
         self.close()
-        self.indexes = [open_index(path, cache=self._cache) for path in self.files]
+        self._load()
 
     def close(self) -> None:
         for handle in self._handles.values():
@@ -134,12 +139,14 @@ class Recording:
         if handle is None:
             handle = self._handles[index.path] = open(index.path, "rb")  # noqa: SIM115
         handle.seek(index.offsets[row])
-        record: dict[str, Any] = json.loads(handle.readline())
+        try:
+            record: dict[str, Any] = json.loads(handle.readline())
+        except ValueError:
+            raise RecordingCorrupt(index.path, index.seqs[row], "unreadable record") from None
         return record
 
     def _locate(self, seq: int) -> tuple[FileIndex, int] | None:
-        firsts = [index.seqs[0] if index.seqs else -1 for index in self.indexes]
-        at = bisect.bisect_right(firsts, seq) - 1
+        at = bisect.bisect_right(self._firsts, seq) - 1
         for index in [self.indexes[at]] if at >= 0 else []:
             row = index.row_of(seq)
             if row is not None:

@@ -19,9 +19,11 @@ from typing import Any
 from proxy.recording import format as fmt
 from proxy.recording.errors import RecordingCorrupt
 from proxy.recording.files import (
+    BLOBS_DIR,
     UnsafePath,
     broken_name,
     copy_private,
+    ensure_private_dir,
     file_index,
     file_name,
     first_line,
@@ -31,7 +33,9 @@ from proxy.recording.files import (
     list_recordings,
     planted_links,
 )
+from proxy.recording.keys import Signer, load_or_create_signing_key, publish_public_key
 from proxy.recording.scan import scan_file
+from proxy.recording.storage import clean_temp_blobs
 
 log = logging.getLogger("sluice.recording")
 
@@ -123,6 +127,16 @@ def keep_and_truncate(path: Path, size: int) -> str:
     copy_private(path, broken)
     _truncate(path, size)
     return broken.name
+
+
+def open_directory(directory: Path, key_path: Path, now: float) -> tuple[Signer, OpenPlan]:
+    """Everything the recorder does on open, off the loop: dirs, key, leftovers, plan."""
+    ensure_private_dir(directory)
+    ensure_private_dir(directory / BLOBS_DIR)
+    signer = load_or_create_signing_key(key_path)
+    publish_public_key(directory, signer)
+    clean_temp_blobs(directory / BLOBS_DIR)
+    return signer, plan_open(directory, now)
 
 
 def plan_open(directory: Path, now: float) -> OpenPlan:

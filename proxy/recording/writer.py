@@ -33,11 +33,13 @@ from typing import Any, Literal
 from proxy.recording import format as fmt
 from proxy.recording.disk import Disk
 from proxy.recording.errors import RecorderUnavailable, RecordingCorrupt, safe_reason
-from proxy.recording.files import BLOBS_DIR, UnsafePath, ensure_private_dir, file_name, write_all
-from proxy.recording.keys import Signer, load_or_create_signing_key, publish_public_key
+from proxy.recording.files import BLOBS_DIR, UnsafePath, file_name, write_all
+from proxy.recording.housekeeping import Housekeeper
+from proxy.recording.keys import KeyFileError, Signer
 from proxy.recording.prepare import FieldPreparer
-from proxy.recording.recovery import OpenPlan, Position, file_intro, plan_open
-from proxy.recording.storage import apply_retention, clean_temp_blobs, store_blob
+from proxy.recording.recovery import Position, file_intro, open_directory
+from proxy.recording.storage import store_blob
+from proxy.state import StateError
 
 log = logging.getLogger("sluice.recording")
 
@@ -109,9 +111,13 @@ class Recorder:
         self._intro: tuple[str, dict[str, Any]] | None = None
         self._pending: list[_Item] = []
         self._flusher: asyncio.Task[None] | None = None
-        self._ticker: asyncio.Task[None] | None = None
-        self._retention: asyncio.Task[None] | None = None
-        self._last_retention = 0.0
+        self._housekeeper = Housekeeper(
+            self,
+            self.directory,
+            checkpoint_seconds=checkpoint_seconds,
+            retention_seconds=retention_seconds,
+            clock=clock,
+        )
         self._io: ThreadPoolExecutor | None = None
         self._aux: ThreadPoolExecutor | None = None
         self._disk = Disk(self.directory, lambda fd, data: _write(fd, data))
@@ -153,19 +159,21 @@ class Recorder:
         self._aux = ThreadPoolExecutor(1, thread_name_prefix="sluice-recorder-aux")
         loop = asyncio.get_running_loop()
         try:
-            plan = await loop.run_in_executor(self._io, self._open_sync)
+            self._signer, plan = await loop.run_in_executor(
+                self._io, open_directory, self.directory, self.signing_key_path, self._clock()
+            )
         except Exception as exc:
             self._shutdown_executors()
-            reason = str(exc) if isinstance(exc, UnsafePath) else safe_reason(exc)
-            raise RecorderUnavailable(f"cannot open the recording directory: {reason}") from None
+            known = isinstance(exc, UnsafePath | StateError | KeyFileError)
+            reason = str(exc) if known else safe_reason(exc)
+            raise RecorderUnavailable(f"cannot open the recordings: {reason}") from None
         self.problems = plan.problems
         self._pos = self._durable = plan.position
         self._state = "ok"
         future = self._enqueue_intro(plan.intro)
         self._kick()
-        self._ticker = loop.create_task(self._tick())
+        self._housekeeper.start(self._aux, lambda: self._pos.path if self._pos else self.directory)
         await future  # a failure here leaves the recorder open and failed: recover() or close()
-        self._schedule_retention()
         self._report("ok", None)
 
     async def append(self, kind: str, **fields: Any) -> int:
@@ -230,11 +238,7 @@ class Recorder:
         """Write a final checkpoint, wait for the disk, release the file."""
         if self._state == "closed":
             return
-        for task in (self._ticker, self._retention):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        await self._housekeeper.stop()
         error: RecorderUnavailable | None = None
         if self._state == "ok":
             try:
@@ -350,7 +354,7 @@ class Recorder:
         fields["rotated_by"] = reason
         self._intro = (fmt.FILE_START, fields)
         self._enqueue(fmt.FILE_START, fields, None)
-        self._schedule_retention()
+        self._housekeeper.schedule_retention()
 
     def _kick(self) -> None:
         if self._flusher is None or self._flusher.done():
@@ -393,51 +397,20 @@ class Recorder:
         self._pending = []
         self._report("failed", reason)
 
-    async def _tick(self) -> None:
-        interval = max(0.01, min(1.0, self.checkpoint_seconds / 4))
-        while True:
-            await asyncio.sleep(interval)
-            if self._state != "ok" or self._pos is None:
-                continue
-            now = self._clock()
-            if (
-                self._pos.since_checkpoint
-                and now - self._pos.last_checkpoint_ts >= self.checkpoint_seconds
-            ):
-                self._enqueue(fmt.CHECKPOINT, {}, None)
-                self._kick()
-            if self.retention_seconds and now - self._last_retention >= min(
-                3600.0, self.retention_seconds / 2
-            ):
-                self._schedule_retention()
-
-    def _schedule_retention(self) -> None:
-        if not self.retention_seconds or (self._retention and not self._retention.done()):
+    def seal_if_idle(self, now: float) -> None:
+        """Timer hook: checkpoint records left unsealed for ``checkpoint_seconds``."""
+        pos = self._pos
+        if self._state != "ok" or pos is None or not pos.since_checkpoint:
             return
-        self._retention = asyncio.get_running_loop().create_task(self._apply_retention())
+        if now - pos.last_checkpoint_ts >= self.checkpoint_seconds:
+            self._enqueue(fmt.CHECKPOINT, {}, None)
+            self._kick()
 
-    async def _apply_retention(self) -> None:
-        now = self._last_retention = self._clock()
-        assert self._pos is not None and self.retention_seconds is not None
-        loop = asyncio.get_running_loop()
-        try:
-            deleted = await loop.run_in_executor(
-                self._aux,
-                apply_retention,
-                self.directory,
-                now,
-                self.retention_seconds,
-                self._pos.path,
-            )
-        except OSError as exc:
-            log.warning("recording retention failed: %s", safe_reason(exc))
-            return
-        if deleted and self._state == "ok":
-            self._enqueue(
-                fmt.RETENTION,
-                {"deleted": deleted, "older_than_seconds": self.retention_seconds},
-                None,
-            )
+    def note_retention(self, deleted: list[str]) -> None:
+        """Retention hook: deleting recordings is itself recorded."""
+        if self._state == "ok":
+            fields = {"deleted": deleted, "older_than_seconds": self.retention_seconds}
+            self._enqueue(fmt.RETENTION, fields, None)
             self._kick()
 
     def _shutdown_executors(self) -> None:
@@ -445,13 +418,3 @@ class Recorder:
             if pool is not None:
                 pool.shutdown(wait=True)
         self._io = self._aux = None
-
-    # ------------------------------------------------------------------ I/O thread side
-
-    def _open_sync(self) -> OpenPlan:
-        ensure_private_dir(self.directory)
-        ensure_private_dir(self.blobs)
-        self._signer = load_or_create_signing_key(self.signing_key_path)
-        publish_public_key(self.directory, self._signer)
-        clean_temp_blobs(self.blobs)
-        return plan_open(self.directory, self._clock())
