@@ -113,6 +113,38 @@ def build_parser() -> argparse.ArgumentParser:
     mask.add_argument("file", nargs="?", metavar="FILE", help="file to mask (default: stdin)")
     mask.add_argument("--json", action="store_true", help="print JSON with the mask spans")
 
+    verify = commands.add_parser(
+        "verify",
+        help="check recordings for tampering",
+        description="Verify recording files (or directories of them): the hash chain, and "
+        "the checkpoint signatures. Exit 0 when every file is intact and signed, 1 naming "
+        "the file and the first bad seq otherwise.",
+    )
+    verify.add_argument("paths", nargs="+", metavar="PATH")
+    verify.add_argument(
+        "--public-key",
+        metavar="FILE",
+        help="the recording key to trust (default: recording-key.pub beside "
+        "the files; pin it to catch a re-signed forgery)",
+    )
+    sessions = commands.add_parser(
+        "sessions",
+        help="list recorded sessions",
+        description="Recorded sessions with their counts and integrity.",
+    )
+    config_option(sessions)
+    sessions.add_argument("--json", action="store_true", help="print JSON")
+    har = commands.add_parser(
+        "export-har",
+        help="export a recording as HAR 1.2",
+        description="Write a recording (or one session or request of it) as HAR 1.2, with "
+        "bodies as the agent received them (masked).",
+    )
+    har.add_argument("path", metavar="PATH")
+    har.add_argument("-o", "--output", required=True, metavar="FILE", help='"-" for stdout')
+    har.add_argument("--session", metavar="ID")
+    har.add_argument("--request-id", metavar="ID")
+
     demo = commands.add_parser(
         "demo",
         help="run the bundled demo",
@@ -141,6 +173,14 @@ def _load(path: Path | None, state_dir: Path | None = None) -> Config:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("verify", "export-har"):  # recordings need no config
+        from proxy.recording.cli import run_export_har, run_verify
+
+        if args.command == "verify":
+            return run_verify(args.paths, public_key=args.public_key)
+        return run_export_har(
+            args.path, args.output, session=args.session, request_id=args.request_id
+        )
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format="sluice %(levelname)s %(name)s: %(message)s"
     )
@@ -164,6 +204,10 @@ def _dispatch(config: Config, args: argparse.Namespace) -> int:
         return EXIT_OK
     if args.command == "proxy":
         return _run_proxy(config, args)
+    if args.command == "sessions":
+        from proxy.recording.cli import run_sessions
+
+        return run_sessions(str(config.state_dir / config.recording.directory), args.json)
     if args.command == "mask":
         return _mask(config, args)
     if args.command == "token":

@@ -33,6 +33,7 @@ from proxy.config_models import (
     NotifySection,
     OAuth2CredentialModel,
     ProxySection,
+    RecordingSection,
     RuleModel,
     Size,
     StaticCredentialModel,
@@ -64,6 +65,7 @@ __all__ = [
     "NotifySection",
     "OAuth2CredentialModel",
     "ProxySection",
+    "RecordingSection",
     "RuleModel",
     "Size",
     "StaticCredentialModel",
@@ -108,6 +110,7 @@ class Config:
     events: EventsSection
     approvals: ApprovalsSection
     masking: MaskingSection
+    recording: RecordingSection
     targets: Mapping[str, TargetModel]
     credentials: Mapping[str, Any]
     policy: Policy
@@ -314,6 +317,7 @@ def load_config_text(text: str, path: Path, *, state_dir: Path | None = None) ->
         events=model.events,
         approvals=model.approvals,
         masking=model.masking,
+        recording=model.recording,
         targets={target.name: target for target in model.targets},
         credentials=dict(model.credentials),
         policy=policy,

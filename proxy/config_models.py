@@ -258,6 +258,21 @@ class ApprovalsSection(_Section):
     notify: NotifySection = NotifySection()
 
 
+class RecordingSection(_Section):
+    enabled: bool = True
+    directory: str = "recordings"  # relative to the state dir
+    rotate_size: Size = 64 * 1024 * 1024
+    rotate_age: Duration = 86400.0
+    retention: Duration = 30 * 86400.0
+    checkpoint_every: int = Field(default=1000, ge=1)
+    checkpoint_interval: Duration = 30.0
+    max_inline_body: Size = 256 * 1024
+    oversize: Literal["sidecar", "truncate"] = "sidecar"
+    #: How much of a streamed body is kept in its record (the rest is marked truncated).
+    capture_limit: Size = 1024 * 1024
+    redact_headers: list[str] = Field(default_factory=list)
+
+
 class ConfigModel(_Section):
     proxy: ProxySection = ProxySection()
     limits: LimitsSection = LimitsSection()
@@ -268,3 +283,4 @@ class ConfigModel(_Section):
     credentials: dict[str, CredentialModel] = Field(default_factory=dict)
     approvals: ApprovalsSection = ApprovalsSection()
     masking: MaskingSection = MaskingSection()
+    recording: RecordingSection = RecordingSection()

@@ -30,6 +30,7 @@ from proxy.server.guard import error_response
 from proxy.server.holding import Holding, HoldRefused
 from proxy.server.identity_http import IdentityGate
 from proxy.server.masked_relay import MaskingService
+from proxy.server.recording_tap import RecordingRefused, RecordingTap
 from proxy.server.relay import AgentBody, Relay, classify_upstream_error, upstream_url
 from proxy.server.requestcheck import (
     BadRequest,
@@ -82,7 +83,9 @@ class Forwarder:
         gate: IdentityGate,
         holding: Holding | None = None,
         masking: MaskingService | None = None,
+        tap: RecordingTap | None = None,
     ) -> None:
+        self.tap = tap
         self.holding = holding
         self.masking = masking
         self.draining = False
@@ -185,6 +188,10 @@ class Forwarder:
                     request, config, facts, identity, decision, body, request_id
                 )
             except HoldRefused as refused:
+                held_decision = Decision(Action.DENY, refused.rule, refused.reason, refused.error)
+                await self._record_request(
+                    request, identity, where, body, request_id, held_decision, refused.decision
+                )
                 raise Refusal(
                     refused.status,
                     refused.error,
@@ -203,11 +210,76 @@ class Forwarder:
             reason=decision.reason,
             code=decision.code,
         )
+        await self._record_request(request, identity, where, body, request_id, decision, label)
         if not decision.allowed:
-            return self._deny(request_id, started, decision)
-        return await self._forward(
-            request, config, target, identity, where, body, request_id, started, label
+            response = self._deny(request_id, started, decision)
+            self._record_answer(request_id, identity.session, response)
+            return response
+        capture = self.tap.capture() if self.tap is not None else None
+        response = await self._forward(
+            request, config, target, identity, where, body, request_id, started, label, capture
         )
+        if self.tap is not None:
+            self.tap.response(
+                request_id=request_id,
+                session=identity.session,
+                status=response.status,
+                headers=response.headers.items(),
+                capture=capture,
+            )
+        return response
+
+    async def _record_request(
+        self,
+        request: web.Request,
+        identity: Identity,
+        where: RequestTarget,
+        body: bytes | None,
+        request_id: str,
+        decision: Decision,
+        label: str,
+    ) -> None:
+        """Durable before anything is forwarded or answered; no recording, no request."""
+        if self.tap is None:
+            return
+        try:
+            await self.tap.request(
+                identity=identity,
+                request_id=request_id,
+                method=request.method,
+                target=where.name,
+                url=where.raw_path + (f"?{where.raw_query}" if where.raw_query else ""),
+                headers=request.headers.items(),
+                body=body,
+                streamed=body is None and request.body_exists,
+                decision={
+                    "action": label,
+                    "rule": decision.rule,
+                    "reason": decision.reason,
+                    "code": decision.code,
+                },
+                secret_values=[],
+            )
+        except RecordingRefused as exc:
+            log.error("recording unavailable, refusing request: %s", exc.reason)
+            raise Refusal(
+                503,
+                "recording_unavailable",
+                "the session recorder cannot write; nothing is forwarded unrecorded",
+            ) from None
+
+    def _record_answer(self, request_id: str, session: str, response: web.Response) -> None:
+        if self.tap is not None:
+            capture = self.tap.capture()
+            if capture is not None and response.body is not None:
+                capture.add(bytes(response.body))
+            self.tap.response(
+                request_id=request_id,
+                session=session,
+                status=response.status,
+                headers=response.headers.items(),
+                capture=capture,
+            )
 
     async def _authenticate(
         self, request: web.Request, config: Config, received: dict[str, object]
@@ -297,6 +369,15 @@ class Forwarder:
         )
         response.headers["X-Sluice-Request-Id"] = request_id
         response.headers.update(refusal.headers)
+        if self.tap is not None and refusal.error != "recording_unavailable":
+            self.tap.note(
+                "error",
+                request_id=request_id,
+                session=CURRENT_SESSION.get(),
+                status=refusal.status,
+                error=refusal.error,
+                reason=refusal.reason,
+            )
         self.bus.publish(
             "request.completed",
             request_id=request_id,
@@ -338,6 +419,7 @@ class Forwarder:
         request_id: str,
         started: float,
         label: str = "allowed",
+        capture: Any = None,
     ) -> web.StreamResponse:
         limits = config.limits
         injected = await self._credential(config, target, identity)
@@ -397,7 +479,7 @@ class Forwarder:
                 else None
             )
             return await self.relay.relay(
-                request, upstream, request_id, started, upstream_started, label, masking
+                request, upstream, request_id, started, upstream_started, label, masking, capture
             )
         finally:
             upstream.release()

@@ -213,6 +213,19 @@ class Segmented:
         return out
 
 
+class TeeResponse(web.StreamResponse):
+    """A streamed response that also hands what it sends to a capture (for the recording)."""
+
+    def __init__(self, *args: Any, capture: Any = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.capture = capture
+
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self.capture is not None:
+            self.capture.add(bytes(data))
+        await super().write(data)
+
+
 class UnmaskableEncoding(Exception):
     pass
 
@@ -233,6 +246,7 @@ async def relay_masked(
     headers: CIMultiDict[str],
     masking: ResponseMasking,
     on_started: Any,
+    capture: Any = None,
 ) -> tuple[web.StreamResponse, int, list[Span]]:
     """Send the masked response; return it, the bytes sent and the mask spans.
 
@@ -259,14 +273,22 @@ async def relay_masked(
         limit = masking.json_limit if json_body else WHOLE_BODY
         prefix, complete = await _read_upto(upstream, decoder, limit, IDLE_CUT)
         if complete:
-            return _whole(upstream, headers, masking, prefix, on_started, json_body=json_body)
+            return _whole(
+                upstream,
+                headers,
+                masking,
+                prefix,
+                on_started,
+                json_body=json_body,
+                capture=capture,
+            )
     if sse:
         masked_stream = Segmented(
             lambda: SseMasker(masking.masker, masking.seen), can_cut=_sse_at_line_end
         )
     else:
         masked_stream = Segmented(lambda: masking.masker.stream(masking.seen))
-    response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+    response = TeeResponse(status=upstream.status, reason=upstream.reason, capture=capture)
     response.headers.extend(headers)
     if decoder is None and length is not None:
         response.content_length = length  # same-length masking keeps the framing true
@@ -344,6 +366,7 @@ def _whole(
     on_started: Any,
     *,
     json_body: bool,
+    capture: Any = None,
 ) -> tuple[web.StreamResponse, int, list[Span]]:
     """Masked whole (JSON through its escapes and base64 values), sent in one write."""
     if json_body:
@@ -354,6 +377,8 @@ def _whole(
     response = web.Response(
         status=upstream.status, reason=upstream.reason, body=result.masked, headers=headers
     )
+    if capture is not None:
+        capture.add(result.masked)
     return response, len(result.masked), list(result.spans)
 
 

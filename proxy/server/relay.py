@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -24,6 +25,7 @@ from proxy.masking.encodings import DecodeError
 from proxy.server.guard import error_response
 from proxy.server.masked_relay import (
     ResponseMasking,
+    TeeResponse,
     UnmaskableEncoding,
     relay_masked,
     skipped,
@@ -118,6 +120,7 @@ class Relay:
         upstream_started: float,
         label: str = "allowed",
         masking: ResponseMasking | None = None,
+        capture: Any = None,
     ) -> web.StreamResponse:
         headers = CIMultiDict(
             response_headers_for_agent(
@@ -132,7 +135,15 @@ class Relay:
             and not skipped(headers, masking)
         ):
             masked = await self._relay_masked(
-                request, upstream, headers, masking, request_id, started, upstream_started, label
+                request,
+                upstream,
+                headers,
+                masking,
+                request_id,
+                started,
+                upstream_started,
+                label,
+                capture,
             )
             if masked is not None:
                 return masked
@@ -141,9 +152,9 @@ class Relay:
             length = None
         if length is not None and length <= SMALL_BODY and request.method != "HEAD":
             return await self._relay_small(
-                request, upstream, headers, request_id, started, upstream_started, label
+                request, upstream, headers, request_id, started, upstream_started, label, capture
             )
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        response = TeeResponse(status=upstream.status, reason=upstream.reason, capture=capture)
         response.headers.extend(headers)
         if length is not None:
             response.content_length = length
@@ -194,6 +205,7 @@ class Relay:
         started: float,
         upstream_started: float,
         label: str,
+        capture: Any = None,
     ) -> web.StreamResponse | None:
         """None means: pass unmasked (an undecodable encoding the target lets through)."""
 
@@ -207,8 +219,10 @@ class Relay:
 
         try:
             response, sent, spans = await relay_masked(
-                request, upstream, headers, masking, on_started
+                request, upstream, headers, masking, on_started, capture
             )
+            if capture is not None:
+                capture.spans = spans
         except UnmaskableEncoding as exc:
             if masking.unknown_encoding == "pass":
                 return None
@@ -258,10 +272,13 @@ class Relay:
         started: float,
         upstream_started: float,
         label: str,
+        capture: Any = None,
     ) -> web.StreamResponse:
         """A small body with a known length goes out with its headers in one write."""
         try:
             body = await upstream.read()
+            if capture is not None:
+                capture.add(body)
         except (aiohttp.ClientError, TimeoutError) as exc:
             return self.failed(request_id, started, "", classify_upstream_error(exc), label)
         self.bus.publish(

@@ -20,6 +20,7 @@ from proxy.events import EventBus
 from proxy.flows import FlowTable
 from proxy.learned import append_rule, rule_for
 from proxy.metrics import ProxyMetrics
+from proxy.recording import Recorder
 from proxy.reload import ConfigHolder, watch_config
 from proxy.server.admin import AdminApi
 from proxy.server.forwarder import TARGET_KEY, Forwarder
@@ -27,9 +28,20 @@ from proxy.server.guard import GuardedAppRunner, assert_c_parser, install_log_re
 from proxy.server.holding import Holding
 from proxy.server.identity_http import HttpFetcher, IdentityGate
 from proxy.server.masked_relay import MaskingService
+from proxy.server.recording_tap import RecordingTap
 from proxy.state import ensure_state_dir, load_or_create_admin_token
 
 log = logging.getLogger("sluice.runtime")
+RECORDING_KEY_FILE = "recording-signing.pem"
+#: Events that become records of their own (requests are recorded by the forwarder).
+RECORDED_EVENTS = (
+    "approval.requested",
+    "approval.decided",
+    "approval.expired",
+    "approval.withdrawn",
+    "config.reloaded",
+    "config.reload_failed",
+)
 
 
 @dataclass
@@ -77,6 +89,8 @@ class ProxyRuntime:
         self.desk: ApprovalDesk | None = None
         self.holding: Holding | None = None
         self.masking: MaskingService | None = None
+        self.recorder: Recorder | None = None
+        self.tap: RecordingTap | None = None
         self.forwarder: Forwarder | None = None
 
     @property
@@ -111,11 +125,12 @@ class ProxyRuntime:
             emit=lambda kind, summary: self.bus.publish(kind, **summary),
             learn=self._learn,
         )
+        self.tap = await self._open_recording(config)
         self.masking = MaskingService(self.state_dir)
         self.masking.masker(config)  # compile the rules before the first request needs them
         self.holding = Holding(self.desk, self._fetch_session, self._preview_mask)
         self.forwarder = Forwarder(
-            self.holder, self.bus, self._session, self.gate, self.holding, self.masking
+            self.holder, self.bus, self._session, self.gate, self.holding, self.masking, self.tap
         )
         guard: dict[str, Any] = {
             "header_timeout": limits.header_timeout,
@@ -205,9 +220,43 @@ class ProxyRuntime:
             "listen": self.main_url,
             "admin": self.admin_url,
             "in_flight": self.forwarder.in_flight if self.forwarder else 0,
+            "recorder": {
+                "state": self.recorder.state if self.recorder else "off",
+                "reason": self.recorder.failure if self.recorder else None,
+                "file": str(self.recorder.current_file) if self.recorder else None,
+            },
             "subscribers": self.bus.subscriber_count,
             "dropped_subscribers": self.bus.dropped_subscribers,
         }
+
+    async def _open_recording(self, config: Config) -> RecordingTap | None:
+        """The recorder, opened before the first listener: a proxy that cannot record
+        answers 503 to everything rather than forwarding unrecorded."""
+        settings = config.recording
+        if not settings.enabled:
+            return None
+        self.recorder = Recorder(
+            self.state_dir / settings.directory,
+            self.state_dir / RECORDING_KEY_FILE,
+            rotate_bytes=settings.rotate_size,
+            rotate_seconds=settings.rotate_age,
+            retention_seconds=settings.retention,
+            checkpoint_every=settings.checkpoint_every,
+            checkpoint_seconds=settings.checkpoint_interval,
+            max_inline_body=settings.max_inline_body,
+            oversize=settings.oversize,
+            redact_headers=settings.redact_headers,
+        )
+        self.recorder.on_state_change(
+            lambda state, reason: self.bus.publish("recorder.state", state=state, reason=reason)
+        )
+        try:
+            await self.recorder.open()
+        except Exception as exc:  # stays failed: every request will get 503
+            log.error("the recorder cannot start: %s", type(exc).__name__)
+        tap = RecordingTap(self.recorder, self.bus, settings.capture_limit)
+        self.bus.add_listener(lambda event: tap.note(event.type, **event.data), RECORDED_EVENTS)
+        return tap
 
     def _preview_mask(self, data: bytes) -> bytes:
         """Approvers see a body preview with its secrets masked, like the agent would."""
@@ -254,6 +303,11 @@ class ProxyRuntime:
                 await self._watch_task
         if self.holding is not None:
             await self.holding.close()
+        if self.tap is not None:
+            await self.tap.flush()
+        if self.recorder is not None:
+            with contextlib.suppress(Exception):  # a failed recorder cannot seal; verify says so
+                await self.recorder.close()
         for session in (self._session, self._fetch_session):
             if session is not None:
                 await session.close()

@@ -1,0 +1,171 @@
+"""What the proxy writes into the recording, and when.
+
+The request record (with its decision) is durable before anything is forwarded; if the
+recorder cannot write, the request is refused (503 recording_unavailable), never forwarded
+unrecorded. Responses are recorded as the agent received them: masked, with their spans.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from collections.abc import Iterable
+from typing import Any
+
+from proxy.events import EventBus
+from proxy.identity import Identity
+from proxy.recording import Recorder, RecorderUnavailable
+
+log = logging.getLogger("sluice.recording")
+
+
+class RecordingRefused(Exception):
+    """The recorder cannot write: the caller must refuse the request."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Capture:
+    """The bytes the agent received, kept up to ``limit`` for the response record."""
+
+    __slots__ = ("data", "limit", "size", "spans")
+
+    def __init__(self, limit: int) -> None:
+        self.data = bytearray()
+        self.limit = limit
+        self.size = 0
+        self.spans: list[Any] = []
+
+    def add(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        room = self.limit - len(self.data)
+        if room > 0:
+            self.data += chunk[:room]
+
+    @property
+    def truncated(self) -> bool:
+        return self.size > len(self.data)
+
+
+class RecordingTap:
+    def __init__(self, recorder: Recorder | None, bus: EventBus, capture_limit: int) -> None:
+        self.recorder = recorder
+        self.bus = bus
+        self.capture_limit = capture_limit
+        self._sessions: OrderedDict[str, None] = OrderedDict()
+        self._background: set[asyncio.Task[Any]] = set()
+
+    @property
+    def enabled(self) -> bool:
+        return self.recorder is not None
+
+    def capture(self) -> Capture | None:
+        return Capture(self.capture_limit) if self.recorder is not None else None
+
+    async def request(
+        self,
+        *,
+        identity: Identity,
+        request_id: str,
+        method: str,
+        target: str | None,
+        url: str,
+        headers: Iterable[tuple[str, str]],
+        body: bytes | None,
+        streamed: bool,
+        decision: dict[str, Any],
+        secret_values: list[str],
+    ) -> None:
+        """Session start (first time), request and decision: durable before forwarding."""
+        if self.recorder is None:
+            return
+        appends = []
+        if identity.session not in self._sessions:
+            self._sessions[identity.session] = None
+            while len(self._sessions) > 10000:
+                self._sessions.popitem(last=False)
+            appends.append(
+                self.recorder.append(
+                    "session.start",
+                    session=identity.session,
+                    subject=identity.subject,
+                    groups=list(identity.groups),
+                    token_id=identity.token_id,
+                )
+            )
+        fields: dict[str, Any] = {
+            "request_id": request_id,
+            "session": identity.session,
+            "method": method,
+            "target": target,
+            "url": url,
+            "headers": [list(pair) for pair in headers],
+            "secret_values": secret_values,
+        }
+        if body is not None:
+            fields["body"] = body
+        elif streamed:
+            fields["body_streamed"] = True  # its bytes follow in a request.body record
+        appends.append(self.recorder.append("request", **fields))
+        appends.append(
+            self.recorder.append(
+                "decision", request_id=request_id, session=identity.session, **decision
+            )
+        )
+        try:
+            await asyncio.gather(*appends)  # one group commit for all of them
+        except RecorderUnavailable as exc:
+            raise RecordingRefused(str(exc)) from None
+
+    def response(
+        self,
+        *,
+        request_id: str,
+        session: str,
+        status: int,
+        headers: Iterable[tuple[str, str]],
+        capture: Capture | None,
+        error: str | None = None,
+    ) -> None:
+        """After the agent has its answer: written in the background, never delaying it."""
+        if self.recorder is None:
+            return
+        fields: dict[str, Any] = {
+            "request_id": request_id,
+            "session": session,
+            "status": status,
+            "headers": [list(pair) for pair in headers],
+        }
+        if capture is not None:
+            fields["body"] = bytes(capture.data)
+            fields["mask_spans"] = [
+                span.as_dict() if hasattr(span, "as_dict") else span for span in capture.spans
+            ]
+            if capture.truncated:
+                fields["body_truncated_at"] = len(capture.data)
+                fields["body_size"] = capture.size
+        if error:
+            fields["error"] = error
+        self._spawn(self.recorder.append("response", **fields))
+
+    def note(self, kind: str, **fields: Any) -> None:
+        """Config reloads and errors, recorded in the background."""
+        if self.recorder is not None:
+            self._spawn(self.recorder.append(kind, **fields))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("recording a record failed: %s", type(task.exception()).__name__)
+
+    async def flush(self) -> None:
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
