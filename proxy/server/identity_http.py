@@ -34,6 +34,7 @@ from proxy.identity.oidc import OidcKeys, check_fetch_url
 
 log = logging.getLogger("sluice.identity")
 MAX_FETCH_BYTES = 1 << 20
+_MISSING = object()
 FETCH_TIMEOUT = aiohttp.ClientTimeout(total=5.0)
 
 
@@ -81,11 +82,18 @@ class IdentityGate:
         self._verifiers: dict[str, TokenVerifier | None] = {}
         self._credentials: dict[str, dict[str, CredentialProvider]] = {}
         self.local_issuer: LocalIssuer | None = None
+        # Per-request lookups by config digest; the content keys above only run on reload.
+        self._verifier_by_digest: dict[str, TokenVerifier | None] = {}
+        self._credentials_by_digest: dict[str, dict[str, CredentialProvider]] = {}
 
     def verifier(self, config: Config) -> TokenVerifier | None:
-        key = config.identity.model_dump_json()
+        fast = self._verifier_by_digest.get(config.digest, _MISSING)
+        if fast is not _MISSING:
+            return fast  # type: ignore[return-value]
+        key = config.identity.model_dump_json()  # same section, same verifier (and caches)
         if key not in self._verifiers:
             self._verifiers = {key: self._build_verifier(config)}
+        self._verifier_by_digest = {config.digest: self._verifiers[key]}
         return self._verifiers[key]
 
     def _build_verifier(self, config: Config) -> TokenVerifier | None:
@@ -136,6 +144,9 @@ class IdentityGate:
         return self.local_issuer.jwks()
 
     def credentials(self, config: Config) -> dict[str, CredentialProvider]:
+        fast = self._credentials_by_digest.get(config.digest)
+        if fast is not None:
+            return fast
         key = json.dumps(
             {name: model.model_dump() for name, model in config.credentials.items()},
             sort_keys=True,
@@ -149,6 +160,7 @@ class IdentityGate:
                     for name, model in config.credentials.items()
                 }
             }
+        self._credentials_by_digest = {config.digest: self._credentials[key]}
         return self._credentials[key]
 
     def _provider(self, name: str, model: Any, base: Path) -> CredentialProvider:
