@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import ctypes.util
 import os
 import re
 import signal
@@ -21,7 +23,7 @@ from pathlib import Path
 from typing import IO
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-OUR_COMMANDS = ("console", "run", "demo")
+OUR_COMMANDS = ("console", "run", "demo", "replay")
 ADMIN_LINE = re.compile(r"admin API on (?P<url>https?://\S+) \(token in (?P<token>.+)\)\s*$")
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 60.0
@@ -74,7 +76,45 @@ def build_parser() -> argparse.ArgumentParser:
         help="pause between the agent's steps (default 2 in the console)",
     )
     _max_flows(demo)
+    _replay_parser(commands)
     return parser
+
+
+def _replay_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    replay = commands.add_parser(
+        "replay",
+        help="replay recorded sessions offline (no proxy needed)",
+        description="Open a recording file or a recordings directory: a sessions browser, "
+        "then the flow list and details driven by a playhead (step, jump, play, seek), the "
+        "integrity of the recording, search, what-if with another config, and HAR export.",
+    )
+    replay.add_argument("path", type=Path, metavar="PATH", help="recording file or directory")
+    replay.add_argument("--session", metavar="ID", help="open this session directly")
+    replay.add_argument(
+        "--public-key",
+        type=Path,
+        metavar="FILE",
+        help="verify checkpoints with this key (default: recording-key*.pub beside the files)",
+    )
+    replay.add_argument("--utc", action="store_true", help="show times in UTC")
+
+
+def run_replay(args: argparse.Namespace) -> int:
+    """The replay app on a recording; no proxy is started or contacted."""
+    from console.replay_app import ReplayApp
+    from proxy.recording.keys import KeyFileError, load_public_key_file
+
+    if not args.path.exists():
+        raise UsageError(f"no such file or directory: {args.path}")
+    key = None
+    if args.public_key is not None:
+        try:
+            key = load_public_key_file(args.public_key)
+        except KeyFileError as exc:
+            raise UsageError(f"--public-key: {exc}") from None
+    app = ReplayApp(args.path, session=args.session, utc=args.utc, public_key=key)
+    code = app.run()
+    return int(code or 0)
 
 
 def _max_flows(sub: argparse.ArgumentParser) -> None:
@@ -124,6 +164,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:
         return int(exc.code or 0)
+    if args.command == "replay":
+        try:
+            return run_replay(args)
+        except UsageError as exc:
+            print(f"sluice replay: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     if args.max_flows < 1:
         print("sluice: --max-flows must be at least 1", file=sys.stderr)
         return EXIT_USAGE
@@ -167,6 +213,17 @@ def _proxy_demo_args(argv: list[str]) -> list[str]:
 # -- sluice run ----------------------------------------------------------------------------
 
 
+def _stop_with_parent() -> None:
+    """In the child: get SIGTERM (a graceful drain) if the console dies without cleaning
+    up, e.g. its terminal was closed; never outlive it as an orphan proxy."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+PR_SET_PDEATHSIG = 1
+
+
 class ProxyChild:
     """A proxy in its own process; its output goes to a log file, never over the UI."""
 
@@ -200,6 +257,7 @@ class ProxyChild:
             text=True,
             env=env,
             start_new_session=True,  # the terminal's Ctrl+C is the console's, not the proxy's
+            preexec_fn=_stop_with_parent,
         )
         found: list[tuple[str, Path]] = []
         ready = threading.Event()

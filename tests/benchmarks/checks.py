@@ -73,7 +73,7 @@ def _identity_checks(child: Child, url: str, agent_token: str, jwt_key: Path) ->
     status, _headers, body = http_get(echo, agent)
     if status != 200:
         raise RuntimeError(f"sluice+id: GET {echo} gave {status}: {body[:200]!r}")
-    received = json.loads(body)["headers"]
+    received = json.loads(bytes.fromhex(json.loads(body)["headers_hex"]))
     auth = [value for name, value in received if name.lower() == "authorization"]
     if len(auth) != 1 or not auth[0].startswith("Bearer "):
         raise RuntimeError(f"sluice+id: upstream got Authorization {auth!r}, not one Bearer")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import socket
 from pathlib import Path
@@ -60,7 +61,9 @@ def role_upstream() -> None:
 
     async def handle(request: web.Request) -> web.StreamResponse:
         if request.path == ECHO_PATH:
-            return web.json_response({"headers": list(request.headers.items())})
+            # Hex, so Sluice's masking (which would rightly mask a JWT) leaves it readable.
+            seen = json.dumps(list(request.headers.items())).encode().hex()
+            return web.json_response({"headers_hex": seen})
         wanted = request.query.get("bytes")
         if wanted is None:
             return web.Response(body=BODY_1K, content_type="text/plain")
@@ -171,6 +174,11 @@ drain_timeout = "2s"
 
 [limits]
 max_connections = 1024
+
+# The recorder's cost has its own benchmark (bench_recording_proxy.py, recording on vs
+# off); this one measures policy, identity and the relay, masking included (the default).
+[recording]
+enabled = false
 
 [identity]
 {identity}
