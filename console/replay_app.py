@@ -22,6 +22,7 @@ from rich.text import Text
 from textual import work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
+from textual.css.query import NoMatches
 from textual.screen import Screen
 from textual.widgets import Footer, Static
 
@@ -31,7 +32,7 @@ from console.render import local_clock, plain, utc_clock
 from console.replay_model import Integrity, Timeline, integrity_of
 from console.replay_screen import ReplayScreen
 from console.replay_screens import PromptScreen, SessionsScreen, WhatIfScreen
-from console.replay_views import ReplayFlowView, SessionList
+from console.replay_views import IntegrityBanner, ReplayFlowView, SessionList
 from proxy.recording import FileResult, Recording, SessionSummary
 from proxy.recording.keys import public_pem
 
@@ -221,14 +222,23 @@ class ReplayApp(App[int]):
     def _verified(self, results: list[FileResult] | None, error: str | None) -> None:
         self.results, self.verify_error = results, error
         for screen in self.screen_stack:
-            if isinstance(screen, SessionsScreen):
-                states = {s.id: self.integrity_for(s).state for s in self.sessions}  # type: ignore[union-attr]
-                screen.query_one(SessionList).set_states(states)
-                from console.replay_views import IntegrityBanner
+            self.apply_integrity(screen)
 
-                screen.query_one(IntegrityBanner).show(self.integrity_for(None))
-            elif isinstance(screen, ReplayScreen):
-                screen.set_integrity(self.integrity_for(screen.summary))
+    def apply_integrity(self, screen: Screen[Any]) -> None:
+        """Show what verify said on ``screen``; a screen not composed yet asks on mount."""
+        if isinstance(screen, ReplayScreen):
+            screen.set_integrity(self.integrity_for(screen.summary))
+            return
+        if not isinstance(screen, SessionsScreen):
+            return
+        if self.results is None and self.verify_error is None:
+            return
+        states = {s.id: getattr(self.integrity_for(s), "state", "?") for s in self.sessions}
+        try:
+            screen.query_one(SessionList).set_states(states)
+            screen.query_one(IntegrityBanner).show(self.integrity_for(None))
+        except NoMatches:
+            pass  # not composed yet: its on_mount calls this again
 
     def action_integrity(self) -> None:
         if self.results is None and self.verify_error is None:
@@ -298,8 +308,6 @@ class ReplayApp(App[int]):
             while isinstance(self.screen, ReplayScreen):  # opened directly: replace it
                 self.pop_screen()
             self.push_screen(self._browser())
-            if self.results is not None:
-                self.call_after_refresh(self._verified, self.results, self.verify_error)
 
     def action_help(self) -> None:
         self.push_screen(

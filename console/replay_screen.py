@@ -19,6 +19,7 @@ from rich.style import Style
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
+from textual.css.query import NoMatches
 from textual.screen import Screen
 from textual.timer import Timer
 from textual.widgets import Footer, Input
@@ -60,6 +61,7 @@ def _jump(key: str, name: str, direction: int, show: bool) -> Binding:
 class ReplayScreen(ReplayTools, Screen[None]):
     """The flow list, detail pane and playhead of one session (one screen per session)."""
 
+    AUTO_FOCUS = "ReplayFlowView"  # never the filter: keys pressed early must not type there
     BINDINGS = [
         Binding("space", "play", "Play/pause", key_display="␣", id="replay.play"),
         Binding("x", "speed", "Speed", id="replay.speed"),
@@ -163,9 +165,7 @@ class ReplayScreen(ReplayTools, Screen[None]):
     def _tick(self) -> None:
         if not self.playing:
             return
-        started, ts = self._anchor
-        due = ts + (self.replay_app.monotonic() - started) * self.speed
-        target = self.timeline.at_time(due)
+        target = self.timeline.at_time(self._due())
         if target > self.store.position:
             self.move_to(target, anchor=False)
         if self.store.position >= len(self.timeline) - 1:
@@ -191,10 +191,16 @@ class ReplayScreen(ReplayTools, Screen[None]):
             self._timer.resume()
         self.sync()
 
+    def _due(self) -> float:
+        """The recorded time playing has reached (it runs on between events)."""
+        started, ts = self._anchor
+        return ts + (self.replay_app.monotonic() - started) * self.speed
+
     def action_speed(self, value: int = 0) -> None:
+        due = self._due() if self.playing else None
         self.speed = value if value in SPEEDS else SPEEDS[(SPEEDS.index(self.speed) + 1) % 3]
-        if self.playing:
-            self._set_anchor()
+        if due is not None:  # the new pace starts from where playing is, not the last event
+            self._anchor = (self.replay_app.monotonic(), due)
         self._update_header()
 
     def play_at(self, speed: int) -> None:
@@ -299,10 +305,14 @@ class ReplayScreen(ReplayTools, Screen[None]):
 
     def set_integrity(self, integrity: Integrity | None) -> None:
         self.integrity = integrity
-        self.query_one(IntegrityBanner).show(integrity)
         self.store.untrusted_from = integrity.untrusted_from if integrity else None
-        self.view.invalidate()
-        self.show_detail(self.view.selected)
+        try:
+            banner, view = self.query_one(IntegrityBanner), self.view
+        except NoMatches:
+            return  # not composed yet: on_mount shows self.integrity
+        banner.show(integrity)
+        view.invalidate()
+        self.show_detail(view.selected)
 
 
 def event_summary(kind: str, data: dict[str, Any]) -> str:

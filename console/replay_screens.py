@@ -40,6 +40,7 @@ class SessionsScreen(Screen[None]):
         Binding("question_mark", "app.help", "Help", key_display="?", id="sessions.help"),
         Binding("q", "app.quit", "Quit", id="sessions.quit"),
     ]
+    AUTO_FOCUS = "SessionList"
     CSS = "SessionsScreen #sessions-title { height: 2; background: $panel; }"
 
     def __init__(self, title: Text, sessions: Sequence[Any], clock: Callable[[float], str]):
@@ -56,6 +57,9 @@ class SessionsScreen(Screen[None]):
 
     def on_mount(self) -> None:
         self.query_one(SessionList).focus()
+        apply = getattr(self.app, "apply_integrity", None)
+        if apply is not None:  # verify may have finished before this screen existed
+            apply(self)
 
 
 class PromptScreen(ModalScreen[str | None]):

@@ -45,10 +45,37 @@ async def opened(pilot: Pilot[Any]) -> ReplayScreen:
     app = pilot.app
     await until(pilot, lambda: isinstance(app.screen, SessionsScreen | ReplayScreen))
     if isinstance(app.screen, SessionsScreen):
+        await browser_ready(pilot)
         await pilot.press("enter")
-    screen = await until(pilot, lambda: app.screen if isinstance(app.screen, ReplayScreen) else 0)
+    screen = await ready(pilot)
     await until(pilot, lambda: screen.integrity is not None)
     return screen
+
+
+async def browser_ready(pilot: Pilot[Any]) -> SessionsScreen:
+    """The sessions browser, mounted with its list focused."""
+    app = pilot.app
+
+    def mounted() -> SessionsScreen | None:
+        screen = app.screen
+        if isinstance(screen, SessionsScreen) and isinstance(app.focused, SessionList):
+            return screen
+        return None
+
+    return await until(pilot, mounted)
+
+
+async def ready(pilot: Pilot[Any]) -> ReplayScreen:
+    """The replay screen, mounted with its list focused (keys before that are lost)."""
+    app = pilot.app
+
+    def mounted() -> ReplayScreen | None:
+        screen = app.screen
+        if isinstance(screen, ReplayScreen) and screen.is_mounted:
+            return screen if isinstance(app.focused, ReplayFlowView) else None
+        return None
+
+    return await until(pilot, mounted)
 
 
 def row_text(screen: ReplayScreen, path: str) -> str:
@@ -69,9 +96,7 @@ def detail_text(screen: ReplayScreen) -> str:
 async def test_a_directory_opens_the_browser_then_the_session_at_its_end() -> None:
     app = ReplayApp(demo_run().recordings, utc=True)
     async with app.run_test(size=SIZE) as pilot:
-        browser = await until(
-            pilot, lambda: app.screen if isinstance(app.screen, SessionsScreen) else 0
-        )
+        browser = await browser_ready(pilot)
         sessions = browser.query_one(SessionList)
         await until(pilot, lambda: sessions.states)
         assert list(sessions.states.values()) == ["verified"]
@@ -142,9 +167,7 @@ async def test_a_tampered_copy_shows_the_banner_and_untrusted_flows(tmp_path: Pa
     copy = tampered_copy(run.recordings, tmp_path / "bad", seq, b"User-Agent")
     app = ReplayApp(copy, utc=True)
     async with app.run_test(size=SIZE) as pilot:
-        browser = await until(
-            pilot, lambda: app.screen if isinstance(app.screen, SessionsScreen) else 0
-        )
+        browser = await browser_ready(pilot)
         await until(pilot, lambda: browser.query_one(SessionList).states)
         assert list(browser.query_one(SessionList).states.values()) == ["tampered"]
         screen = await opened(pilot)
@@ -325,7 +348,7 @@ async def test_a_file_with_one_session_opens_it_directly() -> None:
     (path,) = sorted(demo_run().recordings.glob("*.jsonl"))
     app = ReplayApp(path, utc=True)
     async with app.run_test(size=SIZE) as pilot:
-        await until(pilot, lambda: isinstance(app.screen, ReplayScreen))
+        await ready(pilot)
         assert not any(isinstance(s, SessionsScreen) for s in app.screen_stack)
         await pilot.press("q")
     assert app.return_code == 0
@@ -335,14 +358,12 @@ async def test_the_sessions_key_goes_back_to_the_browser_and_reopens() -> None:
     (path,) = sorted(demo_run().recordings.glob("*.jsonl"))
     app = ReplayApp(path, utc=True)
     async with app.run_test(size=SIZE) as pilot:
-        await until(pilot, lambda: isinstance(app.screen, ReplayScreen))
+        await ready(pilot)
         await pilot.press("o")
-        browser = await until(
-            pilot, lambda: app.screen if isinstance(app.screen, SessionsScreen) else 0
-        )
+        browser = await browser_ready(pilot)
         await until(pilot, lambda: browser.query_one(SessionList).states)
         await pilot.press("enter")
-        await until(pilot, lambda: isinstance(app.screen, ReplayScreen))
+        await ready(pilot)
         kinds = [type(s).__name__ for s in app.screen_stack[1:]]
         assert kinds == ["SessionsScreen", "ReplayScreen"]
         await pilot.press("o")

@@ -19,7 +19,7 @@ from textual.widgets._footer import FooterKey
 from console.replay_app import ReplayApp
 from console.replay_screen import ReplayScreen
 from console.replay_screens import PromptScreen, SessionsScreen, WhatIfScreen
-from console.replay_views import SessionList
+from console.replay_views import ReplayFlowView, SessionList
 
 SIZE = (130, 44)
 
@@ -38,9 +38,9 @@ async def wait(pilot: Pilot[Any], check: Any, rounds: int = 200) -> None:
 
 async def open_session(pilot: Pilot[Any]) -> ReplayScreen:
     app = pilot.app
-    await wait(pilot, lambda: isinstance(app.screen, SessionsScreen))
+    await wait(pilot, lambda: isinstance(app.focused, SessionList))
     await pilot.press("enter")
-    await wait(pilot, lambda: isinstance(app.screen, ReplayScreen))
+    await wait(pilot, lambda: isinstance(app.focused, ReplayFlowView))
     screen = app.screen
     assert isinstance(screen, ReplayScreen)
     await wait(pilot, lambda: screen.integrity is not None)
