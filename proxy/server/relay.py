@@ -111,6 +111,27 @@ class Relay:
     def __init__(self, bus: EventBus) -> None:
         self.bus = bus
 
+    def _response_started(self, request_id: str, status: int, upstream_started: float) -> None:
+        self.bus.publish(
+            "request.response_started",
+            request_id=request_id,
+            status=status,
+            upstream_ms=_ms(upstream_started),
+        )
+
+    def _completed(
+        self, request_id: str, status: int, label: str, sent: int, started: float, **extra: Any
+    ) -> None:
+        self.bus.publish(
+            "request.completed",
+            request_id=request_id,
+            status=status,
+            decision=label,
+            bytes_out=sent,
+            duration_ms=_ms(started),
+            **extra,
+        )
+
     async def relay(
         self,
         request: web.Request,
@@ -158,12 +179,7 @@ class Relay:
         response.headers.extend(headers)
         if length is not None:
             response.content_length = length
-        self.bus.publish(
-            "request.response_started",
-            request_id=request_id,
-            status=upstream.status,
-            upstream_ms=_ms(upstream_started),
-        )
+        self._response_started(request_id, upstream.status, upstream_started)
         sent = 0
         try:
             await response.prepare(request)
@@ -185,14 +201,7 @@ class Relay:
             return self._broken(
                 request, response, request_id, started, sent, classify_upstream_error(exc), label
             )
-        self.bus.publish(
-            "request.completed",
-            request_id=request_id,
-            status=upstream.status,
-            decision=label,
-            bytes_out=sent,
-            duration_ms=_ms(started),
-        )
+        self._completed(request_id, upstream.status, label, sent, started)
         return response
 
     async def _relay_masked(
@@ -210,12 +219,7 @@ class Relay:
         """None means: pass unmasked (an undecodable encoding the target lets through)."""
 
         def on_started() -> None:
-            self.bus.publish(
-                "request.response_started",
-                request_id=request_id,
-                status=upstream.status,
-                upstream_ms=_ms(upstream_started),
-            )
+            self._response_started(request_id, upstream.status, upstream_started)
 
         try:
             response, sent, spans = await relay_masked(
@@ -251,15 +255,14 @@ class Relay:
                 return self.failed(request_id, started, "", failure, label)
             partial = web.StreamResponse(status=upstream.status)
             return self._broken(request, partial, request_id, started, 0, failure, label)
-        self.bus.publish(
-            "request.completed",
-            request_id=request_id,
-            status=upstream.status,
-            decision=label,
-            bytes_out=sent,
+        self._completed(
+            request_id,
+            upstream.status,
+            label,
+            sent,
+            started,
             masked=len(spans),
             mask_spans=spans_for_event(spans),
-            duration_ms=_ms(started),
         )
         return response
 
@@ -281,23 +284,11 @@ class Relay:
                 capture.add(body)
         except (aiohttp.ClientError, TimeoutError) as exc:
             return self.failed(request_id, started, "", classify_upstream_error(exc), label)
-        self.bus.publish(
-            "request.response_started",
-            request_id=request_id,
-            status=upstream.status,
-            upstream_ms=_ms(upstream_started),
-        )
+        self._response_started(request_id, upstream.status, upstream_started)
         response = web.Response(
             status=upstream.status, reason=upstream.reason, body=body, headers=headers
         )
-        self.bus.publish(
-            "request.completed",
-            request_id=request_id,
-            status=upstream.status,
-            decision=label,
-            bytes_out=len(body),
-            duration_ms=_ms(started),
-        )
+        self._completed(request_id, upstream.status, label, len(body), started)
         return response
 
     def _broken(
