@@ -19,8 +19,9 @@ from textual.widgets import Footer, Input
 
 from console.approvals_ui import ApprovalPanel, ApprovalPrompt, Verdict
 from console.client import AdminClient, ConnChange, ConnState, EventStream
-from console.detail import BodySource, DetailPane
+from console.detail import DetailPane
 from console.filterbar import FilterBar
+from console.flow_detail import AdminDetails, DetailSource, FlowDetail
 from console.flowview import FlowView
 from console.header import Banner, StatusHeader
 from console.help import HelpScreen
@@ -29,6 +30,7 @@ from console.render import local_clock, plain
 from proxy.matcher import Matcher
 
 TICK_SECONDS = 0.05
+_DONE = {"approve": "Approved", "deny": "Denied"}
 HEALTH_SECONDS = 5.0
 SNAPSHOT_FLOWS = 2000
 _GUARDED_INPUT = (events.Key, events.MouseDown, events.MouseUp, events.Click)
@@ -59,7 +61,7 @@ class SluiceConsole(App[int]):
         now: Callable[[], float] = time.time,
         tick_seconds: float = TICK_SECONDS,
         url: str = "",
-        body_source: BodySource | None = None,
+        detail_source: DetailSource | None = None,
     ) -> None:
         super().__init__()
         self.client = client
@@ -70,9 +72,9 @@ class SluiceConsole(App[int]):
         self.detail_clock = detail_clock
         self.tick_seconds = tick_seconds
         self.url = url or (client.base_url if client else "")
-        #: Where bodies come from once a proxy serves them (the admin API does not yet).
-        self.body_source = body_source
-        self._bodies: tuple[int, bytes | None, bytes | None] | None = None
+        #: Where headers and bodies come from: the proxy's admin API unless told otherwise.
+        self.detail_source = detail_source or (AdminDetails(client) if client else None)
+        self._detail: tuple[int, FlowDetail] | None = None
         self._queue: list[dict[str, Any]] = []
         self._stream: EventStream | None = None
         self._prompt: ApprovalPrompt | None = None
@@ -98,12 +100,17 @@ class SluiceConsole(App[int]):
         yield Footer()
 
     @property
+    def _main(self) -> Screen[Any]:
+        """The live view's screen: timers and workers run while a prompt is on top."""
+        return self.screen_stack[0]
+
+    @property
     def view(self) -> FlowView:
-        return self.query_one(FlowView)
+        return self._main.query_one(FlowView)
 
     def on_mount(self) -> None:
-        self.query_one(DetailPane).clock = self.detail_clock
-        self.query_one(StatusHeader).status.url = self.url
+        self._main.query_one(DetailPane).clock = self.detail_clock
+        self._main.query_one(StatusHeader).status.url = self.url
         self.view.focus()
         self.set_interval(self.tick_seconds, self._tick)
         if self.client is not None:
@@ -140,10 +147,10 @@ class SluiceConsole(App[int]):
         self._queue.extend(batch)
 
     def set_connection(self, change: ConnChange) -> None:
-        status = self.query_one(StatusHeader)
+        status = self._main.query_one(StatusHeader)
         status.status.conn = change
         status.refresh()
-        self.query_one(Banner).show(change)
+        self._main.query_one(Banner).show(change)
         if change.state is ConnState.CONNECTED and self.client is not None:
             first = not self._connected_once
             self._connected_once = True
@@ -151,7 +158,7 @@ class SluiceConsole(App[int]):
             self._gap = False
 
     def set_health(self, health: dict[str, Any]) -> None:
-        header = self.query_one(StatusHeader)
+        header = self._main.query_one(StatusHeader)
         header.status.health = health
         header.refresh()
 
@@ -188,7 +195,7 @@ class SluiceConsole(App[int]):
         batch, self._queue = self._queue, []
         held: list[dict[str, Any]] = []
         closed: list[dict[str, Any]] = []
-        header = self.query_one(StatusHeader).status
+        header = self._main.query_one(StatusHeader).status
         for event in batch:
             kind = str(event.get("type", ""))
             if kind.startswith("request."):
@@ -230,36 +237,39 @@ class SluiceConsole(App[int]):
     def _refresh_all(self) -> None:
         view = self.view
         view.refresh_view()
-        header = self.query_one(StatusHeader)
+        header = self._main.query_one(StatusHeader)
         status = header.status
         status.flows, status.shown = len(self.store), self.store.visible_count
         status.denied, status.seen = self.store.denied_total, self.store.seen_total
         status.pending, status.filtering = len(self.approvals.pending), self.store.rebuilding
         header.refresh()
         self._show_detail(view.selected)
-        self.query_one(ApprovalPanel).show(list(self.approvals.pending.values()))
+        self._main.query_one(ApprovalPanel).show(list(self.approvals.pending.values()))
 
     def on_flow_view_highlighted(self, message: FlowView.Highlighted) -> None:
         self._show_detail(message.flow)
 
     def _show_detail(self, flow: Flow | None) -> None:
-        pane = self.query_one(DetailPane)
-        bodies = self._bodies
-        if flow is not None and bodies is not None and bodies[0] == flow.n:
-            pane.show(flow, request_body=bodies[1], response_body=bodies[2])
+        pane = self._main.query_one(DetailPane)
+        loaded = self._detail
+        if flow is not None and loaded is not None and loaded[0] == flow.n:
+            pane.show(flow, detail=loaded[1])
             return
-        pane.show(flow)
-        if self.body_source is not None and flow is not None and flow.state == "completed":
-            self.run_worker(self._load_bodies(flow), group="bodies", exclusive=True)
+        finished = flow is not None and flow.state in ("completed", "failed")
+        if self.detail_source is None or not finished:
+            pane.show(flow, detail=None)
+            return
+        assert flow is not None
+        pane.show(flow, detail=None)
+        self.run_worker(self._load_detail(flow), group="detail", exclusive=True)
 
-    async def _load_bodies(self, flow: Flow) -> None:
-        assert self.body_source is not None
+    async def _load_detail(self, flow: Flow) -> None:
+        assert self.detail_source is not None
         try:
-            request_body, response_body = await self.body_source.bodies(flow)
-        except Exception as exc:  # a body source failing must not take the console down
-            self.notify(f"bodies unavailable: {exc}", severity="warning", markup=False)
-            return
-        self._bodies = (flow.n, request_body, response_body)
+            detail = await self.detail_source.detail(flow)
+        except Exception as exc:  # a source failing must not take the console down
+            detail = FlowDetail(unavailable=f"{type(exc).__name__}: {exc}")
+        self._detail = (flow.n, detail)
         if self.view.selected is flow:
             self._show_detail(flow)
 
@@ -314,7 +324,8 @@ class SluiceConsole(App[int]):
         )
         if result.ok:
             self.notify(
-                f"{verdict.decision}d {verdict.approval_id} ({verdict.scope})"
+                f"{_DONE.get(verdict.decision, verdict.decision)} {verdict.approval_id} "
+                f"({verdict.scope})"
                 + (
                     f"; rule {result.summary.get('learned_rule')}"
                     if verdict.scope == "always"
@@ -338,13 +349,13 @@ class SluiceConsole(App[int]):
     # -- actions --------------------------------------------------------------------------
 
     def action_focus_filter(self) -> None:
-        self.query_one("#filter", Input).focus()
+        self._main.query_one("#filter", Input).focus()
 
     def action_focus_list(self) -> None:
         self.view.focus()
 
     def action_toggle_details(self) -> None:
-        self.query_one(DetailPane).toggle_class("-hidden")
+        self._main.query_one(DetailPane).toggle_class("-hidden")
 
     def action_review(self) -> None:
         self._deferred.clear()
@@ -357,7 +368,7 @@ class SluiceConsole(App[int]):
         self.view.action_follow()
 
     def action_clear_filter(self) -> None:
-        self.query_one("#filter", Input).value = ""
+        self._main.query_one("#filter", Input).value = ""
         self.apply_filter("")
 
     def action_help(self) -> None:
@@ -399,7 +410,7 @@ class SluiceConsole(App[int]):
 
     def apply_filter(self, text: str) -> bool:
         """Filter now (the bar shows an error inline and keeps the last good filter)."""
-        ok, matcher = self.query_one(FilterBar).compile(text)
+        ok, matcher = self._main.query_one(FilterBar).compile(text)
         if ok:
             self._set_matcher(matcher)
         return ok

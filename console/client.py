@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 
@@ -109,6 +110,10 @@ class AdminClient:
 
     async def flows(self, limit: int = 1000) -> list[dict[str, Any]]:
         return list((await self._get("/api/flows", limit=str(limit))).get("flows", []))
+
+    async def flow_detail(self, request_id: str) -> dict[str, Any]:
+        """One flow's headers and bodies as the proxy recorded them."""
+        return await self._get(f"/api/flows/{quote(request_id, safe='')}")
 
     async def approvals(self) -> list[dict[str, Any]]:
         return list((await self._get("/api/approvals")).get("approvals", []))

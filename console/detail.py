@@ -1,7 +1,7 @@
 """The detail pane: one flow's request, decision, response, masked regions and bodies.
 
-The admin API serves no bodies yet, so the pane shows what a flow carries (a held
-request's masked preview) and takes bodies from a ``BodySource`` when one exists; bodies
+What events carry is drawn at once; headers and bodies come from a ``DetailSource`` (the
+proxy's admin API, which reads them off the recording) when the flow has finished. Bodies
 are drawn by ``highlight_body`` with masked regions in their own style.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 from rich.console import Group, RenderableType
 from rich.style import Style
@@ -18,6 +18,7 @@ from rich.text import Text
 from textual.containers import VerticalScroll
 from textual.widgets import Static
 
+from console.flow_detail import BodyView, FlowDetail
 from console.model import Flow
 from console.render import (
     MASK_STYLE,
@@ -31,14 +32,6 @@ from console.render import (
 
 LABEL = Style(bold=True, color="bright_blue")
 DIM = Style(dim=True)
-
-
-class BodySource(Protocol):
-    """Where a flow's bodies come from once the proxy serves them (recorder, admin API)."""
-
-    async def bodies(self, flow: Flow) -> tuple[bytes | None, bytes | None]:
-        """(request body, response body) as the agent sent and received them (masked)."""
-        ...
 
 
 def _line(label: str, *parts: tuple[object, Style | str] | object) -> Text:
@@ -58,10 +51,13 @@ def describe_flow(
     flow: Flow,
     *,
     clock: Callable[[float], str] | None = None,
-    request_body: bytes | None = None,
-    response_body: bytes | None = None,
+    detail: FlowDetail | None = None,
+    bodies: bool = True,
 ) -> list[RenderableType]:
-    """Everything the pane shows for ``flow``, as renderables (testable without an app)."""
+    """Everything the pane shows for ``flow``, as renderables (testable without an app).
+
+    ``bodies=False`` stops before headers and bodies (replay draws its own from the file).
+    """
     get = flow.get
     stamp = clock or (lambda ts: time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)))
     started = get("started")
@@ -136,16 +132,51 @@ def describe_flow(
     if get("error"):
         out.append(_line("", ("error ", STYLES["failed"]), get("error")))
     out.extend(masked_regions(get("mask_spans") or [], get("masked") or 0))
-    preview = get("preview")
-    if request_body is not None or preview:
-        out.append(_line("BODY", ("request, masked as the approver saw it", DIM)))
-        out.append(highlight_body(request_body if request_body is not None else str(preview)))
-    if response_body is not None:
-        out.append(_line("BODY", ("response, as the agent received it", DIM)))
-        out.append(highlight_body(response_body, get("mask_spans") or []))
-    elif get("state") in ("completed", "failed") and status is not None:
-        out.append(_line("BODY", ("response body not available from this proxy", DIM)))
+    if bodies:
+        out.extend(_bodies(flow, detail))
     return out
+
+
+def _bodies(flow: Flow, detail: FlowDetail | None) -> list[RenderableType]:
+    get = flow.get
+    out: list[RenderableType] = []
+    finished = get("state") in ("completed", "failed") and get("status") is not None
+    if detail is None:
+        preview = get("preview")
+        if preview:
+            out.append(_line("REQ BODY", ("masked, as the approver saw it", DIM)))
+            out.append(highlight_body(str(preview)))
+        if finished:
+            out.append(_line("BODIES", ("loading…", DIM)))
+        return out
+    if detail.unavailable:
+        return [_line("BODIES", ("not available: ", DIM), detail.unavailable)]
+    # bodies first, as in replay: the pane is short and they are what one looks for
+    out.extend(_body("REQ BODY", detail.request_body, "as the agent sent it; secrets masked"))
+    out.extend(_body("RESP BODY", detail.response_body, "masked, as the agent received it"))
+    out.extend(_headers("REQ HEAD", detail.request_headers))
+    out.extend(_headers("RESP HEAD", detail.response_headers))
+    return out
+
+
+def _headers(label: str, pairs: list[tuple[str, str]]) -> list[RenderableType]:
+    if not pairs:
+        return [_line(label, ("none", DIM))]
+    return [_line(label if n == 0 else "", (f"{k}: ", DIM), v) for n, (k, v) in enumerate(pairs)]
+
+
+def _body(label: str, body: BodyView | None, note: str) -> list[RenderableType]:
+    if body is None or (not body.data and not body.size):
+        return [_line(label, ("none", DIM))]
+    parts: list[tuple[object, Style | str] | object] = [(note, DIM)]
+    if body.spans:
+        rules = ", ".join(sorted({str(s.get("rule", "?")) for s in body.spans}))
+        parts.append((f"  {len(body.spans)} masked ({rules})", MASK_STYLE))
+    if body.recorded_size is not None:
+        parts.append((f"  recorded {body.size} of {body.recorded_size} bytes", DIM))
+    elif body.truncated:
+        parts.append((f"  first {len(body.data)} of {body.size} bytes", DIM))
+    return [_line(label, *parts), highlight_body(body.data, body.spans)]
 
 
 def masked_regions(spans: list[dict[str, Any]], count: int) -> list[RenderableType]:
@@ -190,16 +221,9 @@ class DetailPane(VerticalScroll):
     def compose(self):  # type: ignore[no-untyped-def]
         yield Static(Text("No flow selected.", style=DIM), id="detail-body")
 
-    def show(
-        self,
-        flow: Flow | None,
-        *,
-        request_body: bytes | None = None,
-        response_body: bytes | None = None,
-    ) -> None:
-        """Draw ``flow`` (with bodies when a source had them)."""
-        bodies = id(request_body) ^ id(response_body)
-        key = (flow.n, flow.version, bodies) if flow is not None else None
+    def show(self, flow: Flow | None, *, detail: FlowDetail | None = None) -> None:
+        """Draw ``flow`` (with headers and bodies once its source had them)."""
+        key = (flow.n, flow.version, id(detail)) if flow is not None else None
         if key == self._shown:
             return
         self._shown = key
@@ -212,8 +236,7 @@ class DetailPane(VerticalScroll):
                 *describe_flow(
                     flow,
                     clock=self.clock,
-                    request_body=request_body,
-                    response_body=response_body,
+                    detail=detail,
                 )
             )
         )

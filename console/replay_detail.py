@@ -18,6 +18,7 @@ from typing import Any
 from rich.console import Group, RenderableType
 from rich.style import Style
 from rich.text import Text
+from textual.css.query import NoMatches
 from textual.widgets import Static
 
 from console.detail import DetailPane, describe_flow
@@ -112,6 +113,11 @@ def _body(
     note = "masked, as the agent received it" if which == "response" else "as the agent sent it"
     if ref.get("truncated"):
         note += f"; truncated by the recorder: {ref.get('kept')} of {ref.get('size')} bytes"
+    elif record.get("body_truncated_at") is not None:
+        note += (
+            f"; captured {record.get('body_truncated_at')} of {record.get('body_size')} bytes"
+            " (capture_limit)"
+        )
     out: list[RenderableType] = [line(label, (note, DIM))]
     if which == "request":
         found = outbound_secrets(raw[:BODY_LIMIT])
@@ -154,10 +160,6 @@ def hide(raw: bytes, spans: Sequence[dict[str, Any]]) -> bytes:
     for span in spans:
         data[span["start"] : span["end"]] = b"*" * (span["end"] - span["start"])
     return bytes(data)
-
-
-def _is_body(item: Text) -> bool:
-    return item.plain.startswith("BODY")
 
 
 def region_line(spans: Sequence[dict[str, Any]], selected: int) -> Text:
@@ -211,10 +213,7 @@ def describe_replay(
                 ),
             )
         )
-    summary = describe_flow(flow, clock=clock, response_body=b"")
-    bodies = [n for n, item in enumerate(summary) if isinstance(item, Text) and _is_body(item)]
-    cut = bodies[0] if bodies else len(summary)
-    out.extend(summary[:cut])
+    out.extend(describe_flow(flow, clock=clock, bodies=False))
     spans: list[dict[str, Any]] = list(flow.get("mask_spans") or [])
     selected = region % len(spans) if spans else None
     if selected is not None:
@@ -222,10 +221,14 @@ def describe_replay(
     events = timeline.flow_events(flow.request_id, store.position)
     request = next((e for e in events if e.kind == fmt.REQUEST), None)
     response = next((e for e in events if e.kind == fmt.RESPONSE), None)
+    streamed = next((e for e in events if e.kind == fmt.REQUEST_BODY), None)
     request_record = recording.get(request.seq) if request is not None else None
     response_record = recording.get(response.seq) if response is not None else None
     if request_record is not None:
-        out.extend(_body("REQ BODY", recording, request_record, "request"))
+        body_record = request_record
+        if streamed is not None and "body" not in request_record:
+            body_record = recording.get(streamed.seq)  # a streamed body has its own record
+        out.extend(_body("REQ BODY", recording, body_record, "request"))
     if response_record is not None:
         out.extend(_body("RESP BODY", recording, response_record, "response", spans, selected))
     if request_record is not None:
@@ -249,5 +252,8 @@ class ReplayDetail(DetailPane):
             return
         self._shown = key  # type: ignore[assignment]
         self.items = items or []
-        body = self.query_one("#detail-body", Static)
+        try:
+            body = self.query_one("#detail-body", Static)
+        except NoMatches:  # a worker finishing while the app shuts down
+            return
         body.update(Group(*items) if items else Text("No flow selected.", style=DIM))

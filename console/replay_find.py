@@ -23,7 +23,7 @@ def search_flows(recording: Any, timeline: Timeline, needle: str) -> set[str]:
     for request_id, positions in timeline.by_flow.items():
         for pos in positions:
             event = timeline.events[pos]
-            if event.kind not in (fmt.REQUEST, fmt.RESPONSE):
+            if event.kind not in (fmt.REQUEST, fmt.RESPONSE, fmt.REQUEST_BODY):
                 continue
             record = recording.get(event.seq)
             parts = [str(record.get("url") or "").encode("utf-8", "surrogateescape")]
@@ -34,7 +34,8 @@ def search_flows(recording: Any, timeline: Timeline, needle: str) -> set[str]:
             ]
             if record.get("body"):
                 with contextlib.suppress(Exception):  # an unreadable sidecar: search the rest
-                    parts.append(recording.body(record, event.kind))
+                    which = fmt.RESPONSE if event.kind == fmt.RESPONSE else fmt.REQUEST
+                    parts.append(recording.body(record, which))
             if any(wanted in part.lower() for part in parts):
                 hits.add(request_id)
                 break

@@ -330,4 +330,6 @@ def event_summary(kind: str, data: dict[str, Any]) -> str:
         return f"{kind} {data.get('state', '')} by {data.get('decided_by') or '-'}"
     if kind == "error":
         return f"error {data.get('status', '')} {data.get('error', '')}"
+    if kind == "request.body":
+        return "request body (streamed, recorded after it was sent)"
     return kind

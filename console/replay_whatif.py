@@ -181,6 +181,13 @@ def what_if(recording: Recording, timeline: Timeline, config: Config) -> list[Wh
             continue
         request = recording.get(request_event.seq)
         body = recording.body(request, "request") if request.get("body") else None
+        streamed = next(
+            (e for e in timeline.flow_events(request_id) if e.kind == fmt.REQUEST_BODY), None
+        )
+        if body is None and streamed is not None:
+            sent = recording.get(streamed.seq)
+            if sent.get("body_truncated_at") is None:  # a cut body cannot stand in for it
+                body = recording.body(sent, "request")
         if body is None and not request.get("body_streamed"):
             body = b""
         decision, note = decide(config, request, body, info.subject, info.groups, lazy_check)

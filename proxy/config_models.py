@@ -271,6 +271,9 @@ class RecordingSection(_Section):
     #: How much of a streamed body is kept in its record (the rest is marked truncated).
     capture_limit: Size = 1024 * 1024
     redact_headers: list[str] = Field(default_factory=list)
+    #: A recorder that cannot write is retried after this (doubling up to a minute); the
+    #: proxy refuses requests meanwhile.
+    retry_interval: Duration = 5.0
 
 
 class ConfigModel(_Section):

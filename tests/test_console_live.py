@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import os
+import random
 import re
 import signal
 import sys
@@ -23,6 +25,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from helpers import client_session, config_text, upstream_app
+from rich.console import Console, Group
 from textual.pilot import Pilot
 from textual.widgets import Input
 from yarl import URL
@@ -31,10 +34,14 @@ import proxy
 from console.app import SluiceConsole
 from console.approvals_ui import ApprovalPrompt
 from console.client import AdminClient, ConnState
+from console.detail import describe_flow
 from console.header import Banner
 from console.render import plain
+from proxy.masking.fakes import fake
 
 pytestmark = pytest.mark.asyncio
+LEAKED = fake("github-pat", random.Random(77))[0]  # served by the upstream: masked
+SENT = fake("github-pat", random.Random(78))[0]  # sent by the agent: hidden on screen
 SOURCE_ROOT = Path(proxy.__file__).resolve().parent.parent
 ADMIN_LINE = re.compile(r"admin API on (\S+) \(token in (.+)\)")
 APPROVE_RULES = [
@@ -107,6 +114,8 @@ class Upstream:
     async def handle(self, request: web.Request) -> web.Response:
         self.seen.append(request.path)
         await request.read()
+        if request.path.endswith("/leak"):
+            return web.json_response({"name": "deploy", "token": LEAKED})
         status = 500 if request.path.endswith("/boom") else 200
         return web.json_response({"upstream": "ok", "path": request.path}, status=status)
 
@@ -241,8 +250,12 @@ async def test_deny_with_typed_reason_and_decided_elsewhere(tmp_path: Path) -> N
                 assert late.status == 409 and late.conflict_by == "local-operator"
             finally:
                 await other.close()
-            messages = [plain(n.message) for n in app._notifications]
-            assert any("approved by local-operator" in m for m in messages), messages
+
+            def told() -> bool:
+                messages = [plain(n.message) for n in app._notifications]
+                return any("approved by local-operator" in m for m in messages)
+
+            await until(pilot, told)
 
 
 async def test_reconnects_after_proxy_restart(tmp_path: Path) -> None:
@@ -263,3 +276,35 @@ async def test_reconnects_after_proxy_restart(tmp_path: Path) -> None:
             assert (await agent("GET", f"{running.main_url}/api/after"))[0] == 200
             await until(pilot, lambda: any(f.path == "/after" for f in app.store))
             assert app.store.get(app.store.visible(0).request_id) is not None
+
+
+async def test_detail_pane_shows_recorded_headers_and_bodies(tmp_path: Path) -> None:
+    async with stack(tmp_path) as (running, _upstream):
+        app = console(running)
+        async with app.run_test(size=(140, 60)) as pilot:
+            await until(pilot, lambda: app._stream and app._stream.state is ConnState.CONNECTED)
+            status, body = await agent(
+                "POST",
+                f"{running.main_url}/api/leak",
+                json={"note": "[bold]hi[/bold]", "key": SENT},
+                headers={"X-Trace": "[red]t-1"},
+            )
+            assert status == 200 and body["token"] != LEAKED  # the agent got it masked
+            await until(pilot, lambda: app.store.visible_count == 1 and app.store.visible(0).status)
+            await pilot.press("enter")  # select the flow: the pane asks the admin API
+            await until(pilot, lambda: app._detail is not None)
+            detail = app._detail[1]
+            assert detail.unavailable is None, detail.unavailable
+            assert ("X-Trace", "[red]t-1") in detail.request_headers  # literal, never markup
+            assert any(k.lower() == "content-type" for k, _ in detail.response_headers)
+            assert detail.response_body is not None and detail.response_body.spans
+            assert LEAKED.encode() not in detail.response_body.data
+            assert detail.request_body is not None and detail.request_body.spans
+            assert SENT.encode() not in detail.request_body.data  # hidden before it left
+            assert b"[bold]hi[/bold]" in detail.request_body.data
+            screen = Console(width=140, record=True, file=io.StringIO())
+            screen.print(Group(*describe_flow(app.store.visible(0), detail=detail)))
+            text = screen.export_text()
+            for word in ("REQ HEAD", "X-Trace: [red]t-1", "RESP BODY", "masked (github-pat)"):
+                assert word in text, (word, text)
+            assert LEAKED not in text and SENT not in text

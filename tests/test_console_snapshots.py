@@ -14,6 +14,7 @@ from textual.pilot import Pilot
 
 from console.app import SluiceConsole
 from console.client import ConnChange, ConnState
+from console.flow_detail import BodyView, FlowDetail
 from console.model import Flow
 from console.render import utc_clock
 
@@ -186,11 +187,17 @@ HELD = {
 }
 
 
-class SampleBodies:
-    """A body source as a recorder would be: the masked response the agent received."""
+class SampleDetails:
+    """A detail source as the admin API answers: the masked response the agent received."""
 
-    async def bodies(self, flow: Flow) -> tuple[bytes | None, bytes | None]:
-        return None, SECRET_BODY if flow.request_id == "req0003" else None
+    async def detail(self, flow: Flow) -> FlowDetail:
+        if flow.request_id != "req0003":
+            return FlowDetail(unavailable="HTTP 404: the recording has no such request")
+        return FlowDetail(
+            request_headers=[("Host", "127.0.0.1:8700"), ("Authorization", "[REDACTED]")],
+            response_headers=[("Content-Type", "application/json")],
+            response_body=BodyView(SECRET_BODY, SPANS, len(SECRET_BODY)),
+        )
 
 
 def make_app() -> SluiceConsole:
@@ -199,7 +206,7 @@ def make_app() -> SluiceConsole:
         detail_clock=utc_clock,
         now=lambda: NOW,
         url="http://127.0.0.1:8701",
-        body_source=SampleBodies(),
+        detail_source=SampleDetails(),
     )
 
 

@@ -429,12 +429,6 @@ async def test_a_session_is_recorded_in_order_privately_and_verifies(
         assert mode(path) == 0o600, (path, oct(mode(path)))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the HELD count never counts anything: the forwarder records one decision per "
-    "request with its final label ('approved'/'denied'), never 'held', while the index "
-    "counts only HELD_ACTIONS = {'hold', 'held'} (proxy/recording/index.py _counted)",
-)
 @pytest.mark.asyncio
 async def test_sessions_counts_the_requests_that_were_held(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -479,13 +473,6 @@ async def test_har_export_holds_the_masked_bodies(
     assert [d["action"] for d in approved["_sluice"]["decisions"]] == ["approved"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a request an approver denied gets an 'error' record instead of a 'response': "
-    "the forwarder answers it through Refusal/_refuse (proxy/server/forwarder.py), which "
-    "calls tap.note('error', ...) and never tap.response, so the recording (and its HAR) "
-    "lacks the 403 the agent received and counts a human denial as an error",
-)
 @pytest.mark.asyncio
 async def test_a_request_an_approver_denied_is_recorded_with_its_response(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -503,11 +490,6 @@ async def test_a_request_an_approver_denied_is_recorded_with_its_response(
         assert summary.errors == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="HAR 1.2 requires request.url to be an absolute URL; the export writes the "
-    "recorded path ('/files/canary'), which HAR viewers reject (proxy/recording/har.py entry)",
-)
 @pytest.mark.asyncio
 async def test_har_request_urls_are_absolute(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -627,13 +609,6 @@ async def test_rotation_across_files_keeps_one_verifiable_chain(tmp_path: Path) 
         assert recording.counts["requests"] == 40
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a request body the policy did not need to read is never recorded: the tap "
-    "writes body_streamed=true ('its bytes follow in a request.body record', "
-    "proxy/server/recording_tap.py) but nothing ever writes a request.body record, so "
-    "the recording (and the HAR) of an allowed POST has no body",
-)
 @pytest.mark.asyncio
 async def test_a_streamed_request_body_is_recorded(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -658,13 +633,6 @@ async def test_a_streamed_request_body_is_recorded(
     assert recorded == payload or body_records, flow.request
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a response cut at capture_limit is exported to HAR as if whole: the record "
-    "says body_truncated_at/body_size, but proxy/recording/har.py (_body_note) only looks "
-    "at the recorder's own truncation marker, so content.size is the prefix's size and no "
-    "comment says the body is incomplete",
-)
 @pytest.mark.asyncio
 async def test_har_marks_a_response_cut_at_the_capture_limit(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -775,13 +743,6 @@ async def test_a_recorder_that_cannot_open_refuses_everything(
         assert upstream.seen == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a recorder that fails to open stays in state 'closed' with no reason, and no "
-    "recorder.state event is published (proxy/recording/writer.py Recorder.open never "
-    "sets failed/failure; runtime._open_recording only logs), so /api/health hides why "
-    "every request gets 503",
-)
 @pytest.mark.asyncio
 async def test_a_recorder_that_cannot_open_says_so_in_health_and_events(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -839,3 +800,42 @@ async def test_recording_disabled_forwards_and_writes_nothing(
     assert len(upstream.seen) == 2
     assert not recordings_dir(tmp_path).exists()
     assert not (tmp_path / "state" / "recording-signing.pem").exists()
+
+
+@pytest.mark.asyncio
+async def test_the_recorder_comes_back_by_itself_when_the_disk_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(CRED_ENV, "vault-" + os.urandom(8).hex())
+    real_write = writer_module._write
+
+    def full_disk(fd: int, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    upstream = Upstream()
+    async with recording_stack(tmp_path, upstream, recording={"retry_interval": "0.2s"}) as stack:
+        assert (await stack.send("/api/things/0")).status == 200
+        await stack.settle()
+        monkeypatch.setattr(writer_module, "_write", full_disk)
+        assert (await stack.send("/api/things/1")).status == 503
+        await asyncio.sleep(0.5)  # retries happen, and fail, while the disk is still full
+        assert (await stack.admin_get("/api/health"))["recorder"]["state"] == "failed"
+        assert (await stack.send("/api/things/2")).status == 503
+        seen = len(upstream.seen)
+        monkeypatch.setattr(writer_module, "_write", real_write)  # someone freed space
+        for _ in range(50):
+            if (await stack.admin_get("/api/health"))["recorder"]["state"] == "ok":
+                break
+            await asyncio.sleep(0.1)
+        assert (await stack.admin_get("/api/health"))["recorder"]["state"] == "ok"
+        assert (await stack.send("/api/things/3")).status == 200
+        assert len(upstream.seen) == seen + 1
+        await stack.settle()
+        states = [e.data["state"] for e in stack.events if e.type == "recorder.state"]
+        assert states[-2:] == ["failed", "ok"], states
+    directory = recordings_dir(tmp_path)
+    result = sluice("verify", str(directory), cwd=tmp_path)
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    urls = [r.get("url") for r in records(directory) if r["kind"] == "request"]
+    assert "/things/3" in urls and "/things/1" not in urls and "/things/2" not in urls
+    assert "recorder.resumed" in [r["kind"] for r in records(directory)]

@@ -8,19 +8,11 @@ from __future__ import annotations
 
 import json
 
-import pytest
 from test_replay_support import demo_run, incident_run, records_of
 
 from proxy.recording import Recording
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="index counts 'held' only from decision records whose action is hold/held, but "
-    "the proxy records a held request as approval.requested + approval.decided + a final "
-    "decision (approved/denied): SessionSummary.held, counts['held'] and the HELD column of "
-    "`sluice sessions` are always 0",
-)
 def test_the_session_summary_counts_the_held_request() -> None:
     with Recording.open(demo_run().recordings) as recording:
         (session,) = recording.sessions()
@@ -30,12 +22,6 @@ def test_the_session_summary_counts_the_held_request() -> None:
         assert recording.counts["held"] == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="recording_tap writes body_streamed=True and says 'its bytes follow in a "
-    "request.body record', but nothing writes such a record: a request body the policy did "
-    "not read (any POST under an allow rule without body matchers) is not in the recording",
-)
 def test_a_forwarded_request_body_is_in_the_recording() -> None:
     with Recording.open(incident_run().recordings) as recording:
         (session,) = recording.sessions()
@@ -48,13 +34,6 @@ def test_a_forwarded_request_body_is_in_the_recording() -> None:
         assert recording.body(flow, "request") == b'{"name": "x"}'
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="after an upstream failure the forwarder records the capture of relayed bytes "
-    "(none), not the JSON error relay.failed sent: the recorded 502 body is empty and the "
-    "failure kind (upstream_unreachable) is lost, although responses are meant to be "
-    "recorded 'as the agent received them'",
-)
 def test_an_upstream_failure_is_recorded_as_the_agent_received_it() -> None:
     run = incident_run()
     status, received = run.received["/down/anything"]

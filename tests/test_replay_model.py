@@ -119,8 +119,8 @@ def test_search_finds_bodies_and_headers_in_any_case() -> None:
     assert paths("FIX TYPO IN MODULE") == {"/api/push"}  # a request body
     assert paths("GITHUB_TOKEN") == {"/api/builds/42/log"}  # a (masked) response body
     assert paths("ghp_****") == {"/api/builds/42/log"}
-    # a response header: every flow but the held one, which got no response record
-    assert len(search_flows(recording, timeline, "x-sluice-request-id")) == 10
+    # a response header: every flow, the held-then-denied one included (its 403 is recorded)
+    assert len(search_flows(recording, timeline, "x-sluice-request-id")) == 11
     assert paths("no such text anywhere") == set()
     recording.close()
 

@@ -58,7 +58,7 @@ def test_replay_in_tmux_steps_jumps_and_quits() -> None:
         _tmux("send-keys", "-t", session, "D")  # shift+d: the previous denial
         screen = _wait_for(session, "decision denied (push-to-main)")
         _tmux("send-keys", "-t", session, "Right")
-        _wait_for(session, "error 403 denied")
+        _wait_for(session, "response 403")
         _tmux("send-keys", "-t", session, "s")
         _tmux("send-keys", "-t", session, "-l", "fix typo")
         _tmux("send-keys", "-t", session, "Enter")

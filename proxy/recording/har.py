@@ -53,18 +53,44 @@ def _status_text(status: int) -> str:
 
 
 def _body_note(record: dict[str, Any] | None) -> str | None:
-    body = (record or {}).get("body") or {}
+    record = record or {}
+    body = record.get("body") or {}
     if body.get("truncated"):
         return f"body truncated by the recorder: {body.get('kept')} of {body.get('size')} bytes"
+    if record.get("body_truncated_at") is not None:
+        return (
+            f"body truncated at capture_limit: {record['body_truncated_at']} of "
+            f"{record.get('body_size')} bytes recorded"
+        )
     return None
+
+
+def _size(record: dict[str, Any] | None, kept: int) -> int:
+    """The body's real size: a capture cut at capture_limit knows what it left out."""
+    size = (record or {}).get("body_size")
+    return int(size) if isinstance(size, int) else kept
+
+
+def _absolute_url(request: dict[str, Any]) -> str:
+    """HAR wants an absolute URL: the one the agent asked, else one rebuilt from Host."""
+    if isinstance(request.get("agent_url"), str):
+        return str(request["agent_url"])
+    url = str(request.get("url") or "/")
+    if urlsplit(url).scheme:
+        return url
+    host = _header(request, "host") or "sluice.invalid"
+    target = request.get("target")
+    prefix = f"/{target}" if target else ""
+    return f"http://{host}{prefix}{url if url.startswith('/') else '/' + url}"
 
 
 def entry(recording: Recording, flow: Flow) -> dict[str, Any]:
     """One HAR entry for one recorded request."""
     request, response = flow.request or {}, flow.response
-    url = str(request.get("url") or f"http://{request.get('target') or 'unknown'}/")
+    url = _absolute_url(request)
     started = float(request.get("ts") or (response or {}).get("ts") or 0.0)
     request_body = recording.body(flow, "request") if flow.request else b""
+    sent = flow.request_body if "body" not in request else None
     har_request: dict[str, Any] = {
         "method": str(request.get("method") or "GET"),
         "url": url,
@@ -73,20 +99,23 @@ def entry(recording: Recording, flow: Flow) -> dict[str, Any]:
         "headers": _headers(request),
         "queryString": [{"name": k, "value": v} for k, v in parse_qsl(urlsplit(url).query, True)],
         "headersSize": -1,
-        "bodySize": len(request_body) if request.get("body") else 0,
+        "bodySize": _size(sent, len(request_body)) if request_body else 0,
     }
-    if request.get("body"):
+    if request_body:
         text, encoding = _text(request_body)
         post = {"mimeType": _header(request, "content-type") or "", "text": text}
-        if encoding:
-            post["comment"] = "base64-encoded binary body"
+        notes = ["base64-encoded binary body"] if encoding else []
+        if note := _body_note(sent or request):
+            notes.append(note)
+        if notes:
+            post["comment"] = "; ".join(notes)
         har_request["postData"] = post
     wait = 0.0
     if response is not None:
         body = recording.body(flow, "response")
         text, encoding = _text(body)
         content: dict[str, Any] = {
-            "size": len(body),
+            "size": _size(response, len(body)),
             "mimeType": _header(response, "content-type") or "application/octet-stream",
             "text": text,
         }

@@ -49,8 +49,9 @@ class FieldPreparer:
             fields["headers"] = fmt.redact_headers(fields["headers"], names, secrets)
             if injected:
                 fields["injected"] = sorted(set(injected))
-        if isinstance(fields.get("url"), str):
-            fields["url"] = fmt.redact_url(fields["url"], secrets)
+        for name in ("url", "agent_url"):
+            if isinstance(fields.get(name), str):
+                fields[name] = fmt.redact_url(fields[name], secrets)
         if fields.get("mask_spans") is not None:
             fields["mask_spans"] = [
                 span.as_dict() if hasattr(span, "as_dict") else dict(span)

@@ -52,6 +52,7 @@ class Flow:
     request: dict[str, Any] | None = None
     decisions: list[dict[str, Any]] = field(default_factory=list)
     response: dict[str, Any] | None = None
+    request_body: dict[str, Any] | None = None  # a streamed body, recorded after it was sent
     errors: list[dict[str, Any]] = field(default_factory=list)
     other: list[dict[str, Any]] = field(default_factory=list)
 
@@ -62,6 +63,8 @@ class Flow:
             self.request = record
         elif kind == fmt.RESPONSE and self.response is None:
             self.response = record
+        elif kind == fmt.REQUEST_BODY and self.request_body is None:
+            self.request_body = record
         elif kind == fmt.DECISION:
             self.decisions.append(record)
         elif kind == fmt.ERROR:
@@ -254,10 +257,14 @@ class Recording:
         """A body as bytes (sidecars resolved and hash-checked); b"" when there is none."""
         if isinstance(record, Flow):
             chosen = record.request if which == "request" else record.response
+            if chosen is not None and which == "request" and "body" not in chosen:
+                chosen = record.request_body or chosen  # streamed: its own record
             if chosen is None:
                 return b""
             record = chosen
         kind = record.get("kind")
+        if kind == fmt.REQUEST_BODY:
+            kind = fmt.REQUEST
         if kind in (fmt.REQUEST, fmt.RESPONSE) and kind != which:
             raise ValueError(f"record {record.get('seq')} is a {kind}, not a {which}")
         home = self.directory or (self.files[0].parent if self.files else Path("."))

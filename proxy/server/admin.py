@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -22,11 +23,13 @@ from proxy.flows import FlowTable
 from proxy.identity import IdentityError, KeysUnavailable
 from proxy.metrics import CONTENT_TYPE, ProxyMetrics
 from proxy.reload import ConfigHolder
+from proxy.server.flow_detail import FlowDetails
 from proxy.server.guard import error_response
 from proxy.server.identity_http import IdentityGate
 from proxy.state import tokens_equal
 
 HEARTBEAT_SECONDS = 15.0
+_REQUEST_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 LOCAL_OPERATOR = "local-operator"
 PRINCIPAL_KEY = web.RequestKey("sluice_principal", str)
 
@@ -43,7 +46,9 @@ class AdminApi:
         status: Callable[[], dict[str, Any]],
         gate: IdentityGate | None = None,
         desk: ApprovalDesk | None = None,
+        details: FlowDetails | None = None,
     ) -> None:
+        self.details = details
         self.desk = desk
         self.gate = gate
         self.token = token
@@ -60,6 +65,7 @@ class AdminApi:
         app.router.add_get("/api/health", self.health)
         app.router.add_get("/api/events", self.events)
         app.router.add_get("/api/flows", self.recent_flows)
+        app.router.add_get("/api/flows/{request_id}", self.flow_detail)
         app.router.add_get("/metrics", self.render_metrics)
         app.router.add_get("/.well-known/jwks.json", self.jwks)
         app.router.add_get("/api/approvals", self.approvals)
@@ -161,6 +167,25 @@ class AdminApi:
         except ValueError:
             return error_response(400, "bad_request", "limit must be an integer")
         return web.json_response({"flows": self.flows.recent(max(0, min(limit, 100_000)))})
+
+    async def flow_detail(self, request: web.Request) -> web.Response:
+        """One flow's headers and bodies, from the recording (responses masked, as sent)."""
+        request_id = request.match_info["request_id"]
+        if not _REQUEST_ID.fullmatch(request_id):
+            return error_response(400, "bad_request", "not a request id")
+        if self.details is None:
+            return error_response(
+                404, "not_recorded", "this proxy records nothing, so it keeps no bodies"
+            )
+        try:
+            detail = await self.details.detail(request_id)
+        except Exception as exc:  # a torn or unreadable recording: say so, keep serving
+            return error_response(
+                503, "recording_unreadable", f"the recording cannot be read ({type(exc).__name__})"
+            )
+        if detail is None:
+            return error_response(404, "unknown_flow", "the recording has no such request")
+        return web.json_response(detail)
 
     async def render_metrics(self, _request: web.Request) -> web.Response:
         response = web.Response(body=self.metrics.render())

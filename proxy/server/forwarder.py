@@ -42,6 +42,8 @@ from proxy.server.requestcheck import (
 
 log = logging.getLogger("sluice.forwarder")
 TARGET_KEY = web.AppKey("sluice_fixed_target", str)
+_DECIDED = frozenset({"denied", "expired", "withdrawn"})
+_RECORDED = web.RequestKey("sluice_recorded_session", str)  # the request's record is written
 _LABELS = {Action.ALLOW: "allowed", Action.DENY: "denied", Action.APPROVE: "held"}
 
 
@@ -119,7 +121,7 @@ class Forwarder:
                 request, config, request.app.get(TARGET_KEY), request_id, started
             )
         except Refusal as refusal:
-            return self._refuse(request_id, started, refusal)
+            return self._refuse(request, request_id, started, refusal)
         finally:
             self.in_flight -= 1
             if not self.in_flight:
@@ -216,10 +218,23 @@ class Forwarder:
             self._record_answer(request_id, identity.session, response)
             return response
         capture = self.tap.capture() if self.tap is not None else None
+        sent = self.tap.capture() if self.tap is not None and body is None else None
         response = await self._forward(
-            request, config, target, identity, where, body, request_id, started, label, capture
+            request,
+            config,
+            target,
+            identity,
+            where,
+            body,
+            request_id,
+            started,
+            label,
+            capture,
+            sent,
         )
         if self.tap is not None:
+            if sent is not None and sent.size:
+                self.tap.request_body(request_id=request_id, session=identity.session, sent=sent)
             self.tap.response(
                 request_id=request_id,
                 session=identity.session,
@@ -242,6 +257,7 @@ class Forwarder:
         """Durable before anything is forwarded or answered; no recording, no request."""
         if self.tap is None:
             return
+        request[_RECORDED] = identity.session  # its answer, whatever it is, is recorded too
         try:
             await self.tap.request(
                 identity=identity,
@@ -249,6 +265,7 @@ class Forwarder:
                 method=request.method,
                 target=where.name,
                 url=where.raw_path + (f"?{where.raw_query}" if where.raw_query else ""),
+                agent_url=f"{request.scheme}://{request.host}{request.raw_path}",
                 headers=request.headers.items(),
                 body=body,
                 streamed=body is None and request.body_exists,
@@ -268,7 +285,9 @@ class Forwarder:
                 "the session recorder cannot write; nothing is forwarded unrecorded",
             ) from None
 
-    def _record_answer(self, request_id: str, session: str, response: web.Response) -> None:
+    def _record_answer(
+        self, request_id: str, session: str, response: web.Response, error: str | None = None
+    ) -> None:
         if self.tap is not None:
             capture = self.tap.capture()
             if capture is not None and response.body is not None:
@@ -279,6 +298,7 @@ class Forwarder:
                 status=response.status,
                 headers=response.headers.items(),
                 capture=capture,
+                error=error,
             )
 
     async def _authenticate(
@@ -359,8 +379,14 @@ class Forwarder:
         )
         return response
 
-    def _refuse(self, request_id: str, started: float, refusal: Refusal) -> web.Response:
-        """A refusal that is not a policy decision (bad input, identity, limits, credentials)."""
+    def _refuse(
+        self, request: web.Request, request_id: str, started: float, refusal: Refusal
+    ) -> web.Response:
+        """A refusal that is not a policy decision (bad input, identity, limits, credentials).
+
+        Once the request is in the recording, the refusal is recorded as its response (what
+        the agent received); before that, as an error record of its own.
+        """
         extra = dict(refusal.extra)
         if refusal.rule is not None:
             extra.setdefault("rule", refusal.rule)
@@ -369,7 +395,12 @@ class Forwarder:
         )
         response.headers["X-Sluice-Request-Id"] = request_id
         response.headers.update(refusal.headers)
-        if self.tap is not None and refusal.error != "recording_unavailable":
+        recorded = request.get(_RECORDED)
+        if recorded is not None and refusal.error != "recording_unavailable":
+            # a person's (or a deadline's) denial is an answer, not a failure
+            failure = None if refusal.decision in _DECIDED else refusal.error
+            self._record_answer(request_id, recorded, response, error=failure)
+        elif self.tap is not None and refusal.error != "recording_unavailable":
             self.tap.note(
                 "error",
                 request_id=request_id,
@@ -420,6 +451,7 @@ class Forwarder:
         started: float,
         label: str = "allowed",
         capture: Any = None,
+        sent: Any = None,
     ) -> web.StreamResponse:
         limits = config.limits
         injected = await self._credential(config, target, identity)
@@ -446,7 +478,7 @@ class Forwarder:
                         413, "body_too_large", f"request body exceeds {limits.max_body_size} bytes"
                     )
                 headers.append(("Content-Length", str(request.content_length)))
-            agent_body = AgentBody(request, limits.max_body_size, limits.body_timeout)
+            agent_body = AgentBody(request, limits.max_body_size, limits.body_timeout, sent)
             data = agent_body.chunks()
         timeout = _client_timeout(limits.upstream_connect_timeout, limits.upstream_timeout)
         self.bus.publish("request.forwarded", request_id=request_id, upstream=target.name)
@@ -469,9 +501,12 @@ class Forwarder:
                 raise Refusal(
                     408, "body_timeout", "request body was not received in time"
                 ) from None
-            return self.relay.failed(
+            failed = self.relay.failed(
                 request_id, started, target.name, classify_upstream_error(exc), label
             )
+            if capture is not None and failed.body is not None:
+                capture.add(bytes(failed.body))  # recorded as the agent received it
+            return failed
         try:
             masking = (
                 self.masking.for_target(config, target, identity.session)

@@ -16,6 +16,7 @@ from typing import Any
 from proxy.events import EventBus
 from proxy.identity import Identity
 from proxy.recording import Recorder, RecorderUnavailable
+from proxy.recording.format import REQUEST_BODY
 
 log = logging.getLogger("sluice.recording")
 
@@ -73,6 +74,7 @@ class RecordingTap:
         method: str,
         target: str | None,
         url: str,
+        agent_url: str,
         headers: Iterable[tuple[str, str]],
         body: bytes | None,
         streamed: bool,
@@ -102,6 +104,7 @@ class RecordingTap:
             "method": method,
             "target": target,
             "url": url,
+            "agent_url": agent_url,  # absolute, as the agent asked (HAR needs one)
             "headers": [list(pair) for pair in headers],
             "secret_values": secret_values,
         }
@@ -109,6 +112,7 @@ class RecordingTap:
             fields["body"] = body
         elif streamed:
             fields["body_streamed"] = True  # its bytes follow in a request.body record
+            # (written after forwarding: a streamed body is not held back for the disk)
         appends.append(self.recorder.append("request", **fields))
         appends.append(
             self.recorder.append(
@@ -149,12 +153,26 @@ class RecordingTap:
                 fields["body_size"] = capture.size
         if error:
             fields["error"] = error
-        self._spawn(self.recorder.append("response", **fields))
+        self._spawn(self.recorder.append("response", urgent=False, **fields))
+
+    def request_body(self, *, request_id: str, session: str, sent: Capture) -> None:
+        """A body streamed to the upstream unread by policy: recorded once it has gone."""
+        if self.recorder is None:
+            return
+        fields: dict[str, Any] = {
+            "request_id": request_id,
+            "session": session,
+            "body": bytes(sent.data),
+        }
+        if sent.truncated:
+            fields["body_truncated_at"] = len(sent.data)
+            fields["body_size"] = sent.size
+        self._spawn(self.recorder.append(REQUEST_BODY, urgent=False, **fields))
 
     def note(self, kind: str, **fields: Any) -> None:
         """Config reloads and errors, recorded in the background."""
         if self.recorder is not None:
-            self._spawn(self.recorder.append(kind, **fields))
+            self._spawn(self.recorder.append(kind, urgent=False, **fields))
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)

@@ -65,10 +65,13 @@ class AgentBody:
     stopped is kept here, where the forwarder can tell an agent fault from an upstream one.
     """
 
-    def __init__(self, request: web.Request, limit: int, deadline: float) -> None:
+    def __init__(
+        self, request: web.Request, limit: int, deadline: float, capture: Any = None
+    ) -> None:
         self.request = request
         self.limit = limit
         self.deadline = deadline
+        self.capture = capture  # what was sent, kept for the recording's request.body
         self.fault: str | None = None  # "too_large" | "timeout"
 
     async def chunks(self) -> AsyncIterator[bytes]:
@@ -80,6 +83,8 @@ class AgentBody:
                     if received > self.limit:
                         self.fault = "too_large"
                         raise BodyTooLarge
+                    if self.capture is not None:
+                        self.capture.add(chunk)
                     yield chunk
         except TimeoutError:
             self.fault = "timeout"

@@ -19,10 +19,13 @@ from proxy.config import Config, parse_host_port
 from proxy.events import EventBus
 from proxy.flows import FlowTable
 from proxy.learned import append_rule, rule_for
+from proxy.masking.engine import Masker
 from proxy.metrics import ProxyMetrics
 from proxy.recording import Recorder
+from proxy.recording.supervisor import RecorderSupervisor
 from proxy.reload import ConfigHolder, watch_config
 from proxy.server.admin import AdminApi
+from proxy.server.flow_detail import FlowDetails
 from proxy.server.forwarder import TARGET_KEY, Forwarder
 from proxy.server.guard import GuardedAppRunner, assert_c_parser, install_log_redaction
 from proxy.server.holding import Holding
@@ -90,6 +93,7 @@ class ProxyRuntime:
         self.holding: Holding | None = None
         self.masking: MaskingService | None = None
         self.recorder: Recorder | None = None
+        self.recorder_supervisor: RecorderSupervisor | None = None
         self.tap: RecordingTap | None = None
         self.forwarder: Forwarder | None = None
 
@@ -167,6 +171,7 @@ class ProxyRuntime:
             status=self._status,
             gate=self.gate,
             desk=self.desk,
+            details=self._flow_details(config),
         )
         admin_runner = GuardedAppRunner(self.admin.make_app(), guard=guard, **handler_options)
         await admin_runner.setup()
@@ -250,13 +255,29 @@ class ProxyRuntime:
         self.recorder.on_state_change(
             lambda state, reason: self.bus.publish("recorder.state", state=state, reason=reason)
         )
-        try:
-            await self.recorder.open()
-        except Exception as exc:  # stays failed: every request will get 503
-            log.error("the recorder cannot start: %s", type(exc).__name__)
+        # Failing to open leaves it failed (every request gets 503) and retried in the
+        # background, as is a recorder that fails later: the disk may come back.
+        self.recorder_supervisor = RecorderSupervisor(
+            self.recorder, first_delay=settings.retry_interval
+        )
+        await self.recorder_supervisor.start()
         tap = RecordingTap(self.recorder, self.bus, settings.capture_limit)
         self.bus.add_listener(lambda event: tap.note(event.type, **event.data), RECORDED_EVENTS)
         return tap
+
+    def _flow_details(self, config: Config) -> FlowDetails | None:
+        """Bodies for consoles come from the recording; without one there are none."""
+        tap = self.tap
+        if tap is None:
+            return None
+
+        def masker() -> Masker | None:
+            current = self.holder.current
+            if self.masking is None or not current.masking.enabled:
+                return None
+            return self.masking.masker(current)
+
+        return FlowDetails(self.state_dir / config.recording.directory, tap.flush, masker)
 
     def _preview_mask(self, data: bytes) -> bytes:
         """Approvers see a body preview with its secrets masked, like the agent would."""
@@ -305,6 +326,8 @@ class ProxyRuntime:
             await self.holding.close()
         if self.tap is not None:
             await self.tap.flush()
+        if self.recorder_supervisor is not None:
+            await self.recorder_supervisor.stop()
         if self.recorder is not None:
             with contextlib.suppress(Exception):  # a failed recorder cannot seal; verify says so
                 await self.recorder.close()
