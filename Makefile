@@ -28,7 +28,10 @@ bench: $(STAMP)
 	$(BIN)/python tests/benchmarks/bench_masking.py
 	$(BIN)/python tests/benchmarks/bench_masking_proxy.py
 	$(BIN)/python tests/benchmarks/bench_approvals.py
+	$(BIN)/python tests/benchmarks/bench_recording.py
+	$(BIN)/python tests/benchmarks/bench_recording_proxy.py
 	$(BIN)/python tests/benchmarks/bench_console.py
+	$(BIN)/python tests/benchmarks/bench_replay.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check proxy console tests

@@ -232,9 +232,9 @@ def describe_replay(
     if response_record is not None:
         out.extend(_body("RESP BODY", recording, response_record, "response", spans, selected))
     if request_record is not None:
-        out.extend(_headers("REQ HEADERS", request_record))
+        out.extend(_headers("REQ HEAD", request_record))
     if response_record is not None:
-        out.extend(_headers("RESP HEADERS", response_record))
+        out.extend(_headers("RESP HEAD", response_record))
     return out
 
 

@@ -222,6 +222,7 @@ def fold(events: Sequence[Event], info: SessionInfo) -> dict[str, Any]:
                 path=unquote(raw_path),
                 query=query,
                 host=r.get("_host"),
+                client=r.get("client") or None,
                 bytes_in=r.get("_body_size"),
             )
         elif kind == fmt.DECISION:

@@ -266,6 +266,7 @@ class Forwarder:
                 target=where.name,
                 url=where.raw_path + (f"?{where.raw_query}" if where.raw_query else ""),
                 agent_url=f"{request.scheme}://{request.host}{request.raw_path}",
+                client=request.remote or "",
                 headers=request.headers.items(),
                 body=body,
                 streamed=body is None and request.body_exists,

@@ -75,6 +75,7 @@ class RecordingTap:
         target: str | None,
         url: str,
         agent_url: str,
+        client: str,
         headers: Iterable[tuple[str, str]],
         body: bytes | None,
         streamed: bool,
@@ -105,6 +106,7 @@ class RecordingTap:
             "target": target,
             "url": url,
             "agent_url": agent_url,  # absolute, as the agent asked (HAR needs one)
+            "client": client,
             "headers": [list(pair) for pair in headers],
             "secret_values": secret_values,
         }
