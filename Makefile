@@ -29,6 +29,7 @@ bench: $(STAMP)
 	$(BIN)/python tests/benchmarks/bench_masking_proxy.py
 	$(BIN)/python tests/benchmarks/bench_approvals.py
 	$(BIN)/python tests/benchmarks/bench_console.py
+	$(BIN)/python tests/benchmarks/bench_forward.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check proxy console tests

@@ -1,0 +1,403 @@
+#!/usr/bin/env python3
+"""Forward-proxy benchmark: Sluice intercepting HTTPS against mitmdump, in the same run.
+
+Run from the repository root::
+
+    .venv/bin/python tests/benchmarks/bench_forward.py [--quick] [--json FILE]
+
+Both proxies sit between a client and the same local HTTPS upstream (127.0.0.1, a
+certificate from a throwaway CA that both proxies are told to trust) and both intercept:
+the client sends ``CONNECT``, then speaks TLS to the proxy, verifying the proxy's own CA
+(Sluice's ``<state_dir>/ca``, mitmproxy's confdir), so a request that succeeds went
+through interception. Sluice runs with identity "none", an ``[[egress]]`` entry for the
+upstream with ``tls = "intercept"``, masking on (the default) and recording off. It
+measures
+
+* throughput: requests/s over ``--concurrency`` keep-alive intercepted connections (each
+  one ``CONNECT`` and one TLS handshake, then ``GET``s of a 1 KiB body), with p50/p99 and
+  the proxy process's CPU per request; target: Sluice >= 3x mitmdump;
+* new connections: one at a time, ``CONNECT`` + TLS handshake + one ``GET`` + close,
+  p50/p99 latency.
+
+The client is blocking ``ssl`` sockets in threads spread over two processes (C-level TLS,
+about 20 us of CPU a request), so neither it nor the threaded upstream is the bottleneck
+on two cores. mitmproxy comes from PyPI into its own venv (``.venv-mitm/``, git-ignored;
+created with ``python3 -m venv`` + pip when missing): its pins conflict with ours. Exit 0
+unless something crashed: missing the target is a result, not a failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+from forward_roles import BODY_1K, Client, addr, role_client, role_upstream  # noqa: E402
+from harness import REPO_ROOT, Children, CpuLedger, cpu_seconds  # noqa: E402
+from report import machine_info, shown, verdict  # noqa: E402
+
+RATIO_TARGET = 3.0
+MITM_VENV = REPO_ROOT / ".venv-mitm"
+CASES = ("sluice", "mitmdump")
+
+
+# -- measuring -------------------------------------------------------------------------
+
+
+def _pct(sorted_us: list[float], p: float) -> float:
+    if not sorted_us:
+        return 0.0
+    return sorted_us[min(len(sorted_us) - 1, math.ceil(p / 100 * len(sorted_us)) - 1)] / 1000
+
+
+def throughput(
+    proxy: str, target: str, cafile: str, conc: int, times: tuple[float, float], pids: list[int]
+) -> dict[str, Any]:
+    """Run the client processes once. CPU is read over the measured window (a little short
+    of it, while every process is still alive): the proxy's (``pids[0]``), the clients'
+    (to show they are not the bottleneck) and everybody else's (noise)."""
+    warmup, duration = times
+    processes = min(2, conc)
+    begin = time.time() + 1.0  # time for the clients to connect
+    start, end = begin + warmup, begin + warmup + duration
+    argv = [sys.executable, str(Path(__file__).resolve()), "--role", "client"]
+    procs = []
+    for index in range(processes):
+        threads = conc // processes + (1 if index < conc % processes else 0)
+        role_args = [proxy, target, cafile, str(threads), str(start), str(end)]
+        procs.append(subprocess.Popen([*argv, *role_args], stdout=subprocess.PIPE, cwd=REPO_ROOT))
+    clients = [proc.pid for proc in procs]
+    time.sleep(max(0.0, start - time.time()))
+    ledger = CpuLedger([*pids, *clients])
+    window = time.perf_counter()
+    proxy_before = cpu_seconds(pids[0])
+    client_before = sum(cpu_seconds(pid) for pid in clients)
+    time.sleep(max(0.0, end - 0.2 - time.time()))
+    proxy_cpu = cpu_seconds(pids[0]) - proxy_before
+    client_cpu = sum(cpu_seconds(pid) for pid in clients) - client_before
+    other = ledger.other_cpu_pct()
+    window = time.perf_counter() - window
+    latencies: list[float] = []
+    errors: list[str] = []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=duration + warmup + 60)
+        data = json.loads(out.decode().strip().splitlines()[-1])
+        latencies += data["latencies_us"]
+        errors += data["errors"]
+    latencies.sort()
+    requests = len(latencies)
+    in_window = requests * window / duration
+    return {
+        "concurrency": conc,
+        "requests": requests,
+        "rps": round(requests / duration, 1),
+        "p50_ms": round(_pct(latencies, 50), 3),
+        "p99_ms": round(_pct(latencies, 99), 3),
+        "cpu_us_per_req": round(proxy_cpu / in_window * 1e6, 1) if requests else None,
+        "cpu_pct": round(proxy_cpu / window * 100),
+        "client_cpu_pct": round(client_cpu / window * 100),
+        "other_cpu_pct": other,
+        "errors": errors[:5],
+        "error_count": len(errors),
+    }
+
+
+def new_connections(proxy: str, target: str, cafile: str, count: int) -> dict[str, Any]:
+    """Sequential fresh connections: CONNECT + TLS handshake + one GET, then close."""
+    proxy_addr, target_addr = addr(proxy), addr(target)
+    times: list[float] = []
+    errors: list[str] = []
+    for index in range(count + 5):
+        began = time.perf_counter()
+        try:
+            client = Client(proxy_addr, target_addr, cafile)
+            try:
+                client.get()
+            finally:
+                client.close()
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            errors.append(str(exc))
+            continue
+        if index >= 5:  # the first few fill the proxies' certificate caches
+            times.append((time.perf_counter() - began) * 1e6)
+    times.sort()
+    return {
+        "connections": len(times),
+        "p50_ms": round(_pct(times, 50), 3),
+        "p99_ms": round(_pct(times, 99), 3),
+        "errors": errors[:5],
+        "error_count": len(errors),
+    }
+
+
+# -- the servers -----------------------------------------------------------------------
+
+
+def upstream_ca(workdir: Path) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a 127.0.0.1 certificate for the upstream; proxies trust the CA."""
+    import trustme
+
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1")
+    paths = workdir / "upstream-ca.pem", workdir / "upstream.pem", workdir / "upstream-key.pem"
+    ca.cert_pem.write_to_path(str(paths[0]))
+    leaf.cert_chain_pems[0].write_to_path(str(paths[1]))
+    leaf.private_key_pem.write_to_path(str(paths[2]))
+    return paths
+
+
+def sluice_config(workdir: Path, upstream_port: int, ca_bundle: Path) -> Path:
+    path = workdir / "sluice-forward.toml"
+    path.write_text(
+        f"""[proxy]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+state_dir = "state"
+
+[identity]
+mode = "none"
+
+[recording]
+enabled = false
+
+[forward]
+ca_bundle = "{ca_bundle}"
+
+[[egress]]
+name = "bench-upstream"
+host = "127.0.0.1"
+ports = [{upstream_port}]
+tls = "intercept"
+allow_private = true
+
+[[rules]]
+name = "bench-upstream"
+target = "bench-upstream"
+action = "allow"
+"""
+    )
+    return path
+
+
+def ensure_mitmdump() -> str:
+    """mitmdump from its own venv, created on first use (never in ours: pins conflict)."""
+    binary = MITM_VENV / "bin" / "mitmdump"
+    if binary.exists():
+        return str(binary)
+    python = shutil.which("python3") or sys.executable
+    print(f"installing mitmproxy into {shown(str(MITM_VENV))} (one time)...", flush=True)
+    subprocess.run([python, "-m", "venv", str(MITM_VENV)], check=True, timeout=300)
+    pip = [str(MITM_VENV / "bin" / "python"), "-m", "pip", "install", "--quiet", "mitmproxy"]
+    subprocess.run(pip, check=True, timeout=900)
+    return str(binary)
+
+
+def mitm_version(binary: str) -> str:
+    done = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=60)
+    return done.stdout.splitlines()[0].strip() if done.stdout else "mitmdump"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_file(path: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{path} did not appear")
+        time.sleep(0.05)
+
+
+# -- main ------------------------------------------------------------------------------
+
+
+def _on_sigterm(_signum: int, _frame: Any) -> None:
+    raise SystemExit(143)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="~3 s per case instead of ~10 s")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also write results as JSON")
+    parser.add_argument("--duration", type=float, help="seconds per measured case")
+    parser.add_argument("--warmup", type=float, help="seconds of warm-up before each case")
+    parser.add_argument("--concurrency", type=int, default=8, help="keep-alive connections")
+    parser.add_argument("--connections", type=int, help="new connections measured (200)")
+    parser.add_argument("--only", choices=CASES, help="measure one proxy only")
+    parser.add_argument("--role", help=argparse.SUPPRESS)
+    parser.add_argument("role_args", nargs="*", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def start_proxies(children: Children, workdir: Path, cases: list[str]) -> dict[str, Any]:
+    """The upstream, then each proxy; returns per case (proxy address, CA file, pid)."""
+    ca, cert, key = upstream_ca(workdir)
+    ready = re.compile(r"READY (\d+)")
+    role = [sys.executable, str(Path(__file__).resolve()), "--role"]
+    upstream = children.start("upstream", [*role, "upstream", str(cert), str(key)], ready, 20)
+    target = f"127.0.0.1:{upstream.url}"
+    found: dict[str, Any] = {"target": target, "upstream_pid": upstream.proc.pid}
+    if "sluice" in cases:
+        config = sluice_config(workdir, int(upstream.url), ca)
+        state = workdir / "state"
+        from proxy.tls import LocalCA
+
+        argv = [sys.executable, "-m", "proxy", "proxy", "-c", str(config)]
+        listening = re.compile(r"sluice proxy listening on http://(\S+)")
+        child = children.start("sluice", [*argv, "--state-dir", str(state)], listening, 30)
+        cafile = LocalCA.load_or_create(state).cert_path  # the proxy loads the same one
+        found["sluice"] = (child.url, str(cafile), child.proc.pid)
+    if "mitmdump" in cases:
+        binary = ensure_mitmdump()
+        found["mitmdump_version"] = mitm_version(binary)
+        port, confdir = free_port(), workdir / "mitm"
+        argv = [binary, "--listen-host", "127.0.0.1", "--listen-port", str(port)]
+        argv += ["--set", f"confdir={confdir}", "--set", f"ssl_verify_upstream_trusted_ca={ca}"]
+        argv += ["--set", "flow_detail=0"]
+        listening = re.compile(r"proxy listening at \S+?:(\d+)")
+        child = children.start("mitmdump", argv, listening, 60)
+        cafile = confdir / "mitmproxy-ca-cert.pem"
+        wait_for_file(cafile, 10)
+        found["mitmdump"] = (f"127.0.0.1:{port}", str(cafile), child.proc.pid)
+    return found
+
+
+def sanity(case: str, proxy: str, target: str, cafile: str) -> str:
+    """One request through the proxy, verified against the proxy's CA: it intercepted."""
+    client = Client(addr(proxy), addr(target), cafile)
+    try:
+        size = client.get()
+        issuer = client.tls.getpeercert() or {}
+    finally:
+        client.close()
+    names = dict(x[0] for x in issuer.get("issuer", ()))
+    if size != len(BODY_1K):
+        raise RuntimeError(f"{case}: body of {size} bytes, expected {len(BODY_1K)}")
+    return f"{case}: intercepted, leaf issued by {names.get('commonName', '?')!r}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.role == "upstream":
+        role_upstream(*args.role_args)
+        return 0
+    if args.role == "client":
+        proxy, target, cafile, threads, start, end = args.role_args
+        role_client(proxy, target, cafile, int(threads), float(start), float(end))
+        return 0
+
+    duration = args.duration or (3.0 if args.quick else 10.0)
+    warmup = args.warmup if args.warmup is not None else (1.0 if args.quick else 2.0)
+    count = args.connections or (50 if args.quick else 200)
+    cases = [args.only] if args.only else list(CASES)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    workdir = Path(tempfile.mkdtemp(prefix="sluice-bench-forward-"))
+    children = Children(workdir)
+    started = time.monotonic()
+    document: dict[str, Any] = {
+        "command": " ".join([shown(sys.executable), *sys.argv]),
+        "machine": machine_info(),
+    }
+    try:
+        found = start_proxies(children, workdir, cases)
+        target = found["target"]
+        machine = document["machine"]
+        print(
+            f"machine: {machine['nproc']} CPUs ({machine['cpu']}), Python {machine['python']}; "
+            f"sluice at {machine['revision']}; {found.get('mitmdump_version', 'no mitmdump')}"
+        )
+        document["mitmdump"] = found.get("mitmdump_version")
+        document["sanity"] = [
+            sanity(case, found[case][0], target, found[case][1]) for case in cases
+        ]
+        for note in document["sanity"]:
+            print(note)
+        print(
+            f"throughput: {args.concurrency} keep-alive intercepted connections, {duration:g} s "
+            f"after {warmup:g} s warm-up, GET of a 1 KiB body; upstream HTTPS on {target}",
+            flush=True,
+        )
+        results: dict[str, Any] = {}
+        for case in cases:
+            proxy, cafile, pid = found[case]
+            pids = [pid, found["upstream_pid"]]
+            result = throughput(proxy, target, cafile, args.concurrency, (warmup, duration), pids)
+            children.check_alive()
+            results[case] = result
+            print(
+                f"  {case:<9} {result['rps']:>8.0f} req/s  p50 {result['p50_ms']:.3f} ms  "
+                f"p99 {result['p99_ms']:.3f} ms  cpu {result['cpu_us_per_req']} us/req "
+                f"({result['cpu_pct']}% of a core)  client {result['client_cpu_pct']}%  "
+                f"other {result['other_cpu_pct']}%  "
+                f"errors {result['error_count']}",
+                flush=True,
+            )
+        print(f"new connections: {count} sequential CONNECT + TLS handshake + GET + close")
+        fresh: dict[str, Any] = {}
+        for case in cases:
+            proxy, cafile, _ = found[case]
+            fresh[case] = new_connections(proxy, target, cafile, count)
+            children.check_alive()
+            print(
+                f"  {case:<9} p50 {fresh[case]['p50_ms']:.3f} ms  p99 "
+                f"{fresh[case]['p99_ms']:.3f} ms  errors {fresh[case]['error_count']}",
+                flush=True,
+            )
+        ratios: dict[str, Any] = {}
+        if len(results) == 2 and results["mitmdump"]["rps"]:
+            ratio = results["sluice"]["rps"] / results["mitmdump"]["rps"]
+            ok = ratio >= RATIO_TARGET and not results["sluice"]["error_count"]
+            ratios["sluice_over_mitmdump_rps"] = {
+                "value": round(ratio, 2),
+                "target": f">= {RATIO_TARGET:g}",
+                "verdict": verdict(ok),
+            }
+            print(
+                f"\nsluice/mitmdump req/s at c={args.concurrency}: {ratio:.2f}  "
+                f"(target >= {RATIO_TARGET:g})  {verdict(ok)}"
+            )
+            for key in ("p50_ms", "p99_ms"):
+                if fresh["sluice"][key]:
+                    value = fresh["mitmdump"][key] / fresh["sluice"][key]
+                    ratios[f"mitmdump_over_sluice_new_connection_{key}"] = round(value, 2)
+                    print(f"  (context) new-connection {key[:3]}: mitmdump/sluice {value:.2f}")
+        elapsed = time.monotonic() - started
+        print(f"\ntotal {elapsed:.0f} s")
+        if args.json:
+            document.update(
+                duration_s=duration,
+                warmup_s=warmup,
+                concurrency=args.concurrency,
+                throughput=results,
+                new_connections=fresh,
+                ratios=ratios,
+                elapsed_s=round(elapsed, 1),
+            )
+            args.json.write_text(json.dumps(document, indent=2) + "\n")
+            print(f"results written to {args.json}")
+        return 0
+    finally:
+        children.stop_all()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
