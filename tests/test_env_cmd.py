@@ -33,6 +33,7 @@ VARIABLES = (
     "CURL_CA_BUNDLE",
     "GIT_SSL_CAINFO",
     "NODE_EXTRA_CA_CERTS",
+    "NODE_USE_ENV_PROXY",
 )
 
 
@@ -112,6 +113,7 @@ def test_ca_variables_and_bundle(tmp_path: Path) -> None:
     ).stdout
     assert exported == ca_pem
     assert values["NODE_EXTRA_CA_CERTS"] == str(ca_dir / "sluice-ca.pem")
+    assert values["NODE_USE_ENV_PROXY"] == "1"
     bundle = Path(values["SSL_CERT_FILE"])
     assert bundle == ca_dir / "ca-bundle.pem"
     assert {values[n] for n in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "GIT_SSL_CAINFO")} == {

@@ -4,7 +4,7 @@ and a CA trust that includes Sluice's CA.
 Choices, and why:
 
 - Both spellings of each proxy variable: curl honours only lower-case ``http_proxy``,
-  other runtimes prefer upper case.
+  other runtimes prefer upper case. Node needs ``NODE_USE_ENV_PROXY=1`` as well.
 - ``NO_PROXY`` lists Sluice's own listeners (``host:port``) and nothing else. Exempting
   ``localhost``/``127.0.0.1`` as shells often do would let the agent reach every loopback
   service (databases, dev servers, cloud metadata relays) around the gateway; setting the
@@ -36,6 +36,9 @@ PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")
 NO_PROXY_VARIABLES = ("NO_PROXY", "no_proxy")
 REPLACING_CA_VARIABLES = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "GIT_SSL_CAINFO")
 ADDING_CA_VARIABLES = ("NODE_EXTRA_CA_CERTS",)
+#: Node's http, https and fetch ignore the proxy variables unless this is set (Node 22.21+,
+#: 24+; older versions ignore it).
+NODE_PROXY_SWITCH = "NODE_USE_ENV_PROXY"
 _WELL_KNOWN_BUNDLES = (
     "/etc/ssl/certs/ca-certificates.crt",  # Debian, Ubuntu, Alpine, Arch
     "/etc/pki/tls/certs/ca-bundle.crt",  # Fedora, RHEL
@@ -139,6 +142,7 @@ def agent_environment(
     values.update(dict.fromkeys(NO_PROXY_VARIABLES, ",".join(no_proxy)))
     values.update(dict.fromkeys(REPLACING_CA_VARIABLES, str(bundle)))
     values.update(dict.fromkeys(ADDING_CA_VARIABLES, str(ca_cert)))
+    values[NODE_PROXY_SWITCH] = "1"
     return values
 
 
