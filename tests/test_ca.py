@@ -159,8 +159,10 @@ def test_leaf_profile(tmp_path: Path) -> None:
 
 def test_cache_hit_and_bound(tmp_path: Path) -> None:
     ca = LocalCA.load_or_create(tmp_path)
+    assert ca.cached_context("a.test") is None
     first = ca.server_context("a.test")
     assert ca.server_context("A.test.") is first
+    assert ca.cached_context("a.test") is first
     assert ca.minted == 1
     small = LocalCA(ca.cert, ca._key, ca.cert_path, cache_size=2)
     one = small.server_context("one.test")
@@ -170,7 +172,9 @@ def test_cache_hit_and_bound(tmp_path: Path) -> None:
     assert small.minted == 4
 
 
-@pytest.mark.parametrize("bad", ["", "a b", "evil.test/x", "x" * 300, "-lead.test"])
+@pytest.mark.parametrize(
+    "bad", ["", "a b", "evil.test/x", "x" * 300, "-lead.test", "*.wild.test", "a..b"]
+)
 def test_bad_host_names_are_refused(tmp_path: Path, bad: str) -> None:
     ca = LocalCA.load_or_create(tmp_path)
     with pytest.raises(ValueError):
@@ -234,3 +238,35 @@ def test_symlinks_are_refused(tmp_path: Path) -> None:
     key_path.symlink_to(moved)
     with pytest.raises(CAError, match="symlink"):
         LocalCA.load_or_create(other_state)
+
+
+def test_old_leaves_are_reminted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ca = LocalCA.load_or_create(tmp_path)
+    first = ca.server_context("a.test")
+    monkeypatch.setattr("proxy.tls.ca._REMINT_AFTER", 0.0)
+    assert ca.server_context("a.test") is not first
+    assert ca.minted == 2
+
+
+def test_threads_share_the_cache_safely(tmp_path: Path) -> None:
+    ca = LocalCA(*_parts(LocalCA.load_or_create(tmp_path)), cache_size=50)
+    errors: list[BaseException] = []
+
+    def work(offset: int) -> None:
+        try:
+            for index in range(120):
+                ca.server_context(f"h{(index + offset) % 80}.test")
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(n * 7,)) for n in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == []
+    assert len(ca._cache) == 50
+
+
+def _parts(ca: LocalCA) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey, Path]:
+    return ca.cert, ca._key, ca.cert_path

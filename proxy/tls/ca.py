@@ -45,9 +45,11 @@ CA_VALIDITY = datetime.timedelta(days=3650)
 LEAF_VALIDITY = datetime.timedelta(days=30)
 LEAF_BACKDATE = datetime.timedelta(hours=1)  # clients with a clock slightly behind
 CACHE_SIZE = 1024
+#: Re-mint well before a leaf expires: a proxy can run for weeks.
+_REMINT_AFTER = LEAF_VALIDITY.total_seconds() / 2
 _MAX_PEM = 1 << 16
 _HOSTNAME = re.compile(
-    r"^(?=.{1,253}$)(\*\.)?([a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?\.)*"
+    r"^(?=.{1,253}$)([a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?\.)*"
     r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$"
 )
 
@@ -139,20 +141,27 @@ class LocalCA:
 
     # -- leaves ----------------------------------------------------------------------------
 
+    def cached_context(self, hostname: str) -> ssl.SSLContext | None:
+        """The cached context for ``hostname`` if it is fresh, without minting: cheap enough
+        for an event loop, so only a miss needs a thread. ValueError for a bad name."""
+        cache_key = str(normalize_host(hostname))
+        with self._lock:
+            entry = self._cache.get(cache_key)
+            if entry is None or time.monotonic() - entry[0] >= _REMINT_AFTER:
+                return None
+            self._cache.move_to_end(cache_key)
+            return entry[1]
+
     def server_context(self, hostname: str) -> ssl.SSLContext:
         """A TLS server context presenting a leaf for ``hostname`` (cached, bounded LRU).
 
         ValueError when ``hostname`` is neither a DNS name nor an IP literal.
         """
+        cached = self.cached_context(hostname)
+        if cached is not None:
+            return cached
         host = normalize_host(hostname)
-        cache_key = str(host)
-        now = time.monotonic()
-        with self._lock:
-            entry = self._cache.get(cache_key)
-            # Re-mint well before the leaf expires; a proxy can run for weeks.
-            if entry is not None and now - entry[0] < LEAF_VALIDITY.total_seconds() / 2:
-                self._cache.move_to_end(cache_key)
-                return entry[1]
+        cache_key, now = str(host), time.monotonic()
         context = self._context_for(self.mint_leaf(host))
         with self._lock:
             self._cache[cache_key] = (now, context)
