@@ -132,6 +132,15 @@ class Policy:
                 )
         return Decision(Action.DENY, None, DEFAULT_DENY_REASON, "denied")
 
+    def names_host(self, rule_name: str | None, host: str) -> bool:
+        """Whether the rule lists this exact host (no glob): naming a destination
+        explicitly is what lets a forward request reach a private address."""
+        for rule in self.rules:
+            if rule.name == rule_name:
+                hosts = rule.matcher.hosts
+                return hosts is not None and host.lower().removesuffix(".") in hosts
+        return False
+
     def body_too_large(self, facts: Facts) -> Decision:
         """A body rule could apply but the body exceeds what we inspect: deny, never guess."""
         for rule in self.rules:

@@ -36,8 +36,13 @@ class RequestTarget:
     raw_query: str
 
 
-def check_request(request: web.Request, fixed_target: str | None) -> RequestTarget:
-    """Split off the target and refuse ambiguous paths, or raise BadRequest."""
+def check_request(
+    request: web.Request, fixed_target: str | None, raw_target: str | None = None
+) -> RequestTarget:
+    """Split off the target and refuse ambiguous paths, or raise BadRequest.
+
+    ``raw_target`` replaces the request-target as sent (the path and query of an
+    absolute-form forward request)."""
     headers = request.headers
     if "Transfer-Encoding" in headers and "Content-Length" in headers:
         raise BadRequest("Content-Length and Transfer-Encoding together")
@@ -45,7 +50,7 @@ def check_request(request: web.Request, fixed_target: str | None) -> RequestTarg
         raise BadRequest("more than one Content-Length")
     if len(headers.getall("Host", ())) > 1:
         raise BadRequest("more than one Host")
-    raw_path, _, raw_query = request.raw_path.partition("?")
+    raw_path, _, raw_query = (raw_target or request.raw_path).partition("?")
     if not raw_path.startswith("/"):
         raise BadRequest("request target must be an absolute path")
     if _ENCODED_SEPARATOR.search(raw_path):
