@@ -34,7 +34,6 @@ import math
 import re
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -47,12 +46,23 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-from forward_roles import BODY_1K, Client, addr, role_client, role_upstream  # noqa: E402
+from forward_roles import (  # noqa: E402
+    BODY_1K,
+    Client,
+    addr,
+    ensure_mitmdump,
+    free_port,
+    mitm_version,
+    role_client,
+    role_upstream,
+    sluice_config,
+    upstream_ca,
+    wait_for_file,
+)
 from harness import REPO_ROOT, Children, CpuLedger, cpu_seconds  # noqa: E402
 from report import machine_info, shown, verdict  # noqa: E402
 
 RATIO_TARGET = 3.0
-MITM_VENV = REPO_ROOT / ".venv-mitm"
 CASES = ("sluice", "mitmdump")
 
 
@@ -145,92 +155,66 @@ def new_connections(proxy: str, target: str, cafile: str, count: int) -> dict[st
     }
 
 
-# -- the servers -----------------------------------------------------------------------
-
-
-def upstream_ca(workdir: Path) -> tuple[Path, Path, Path]:
-    """A throwaway CA and a 127.0.0.1 certificate for the upstream; proxies trust the CA."""
-    import trustme
-
-    ca = trustme.CA()
-    leaf = ca.issue_cert("127.0.0.1")
-    paths = workdir / "upstream-ca.pem", workdir / "upstream.pem", workdir / "upstream-key.pem"
-    ca.cert_pem.write_to_path(str(paths[0]))
-    leaf.cert_chain_pems[0].write_to_path(str(paths[1]))
-    leaf.private_key_pem.write_to_path(str(paths[2]))
-    return paths
-
-
-def sluice_config(workdir: Path, upstream_port: int, ca_bundle: Path) -> Path:
-    path = workdir / "sluice-forward.toml"
-    path.write_text(
-        f"""[proxy]
-listen = "127.0.0.1:0"
-admin_listen = "127.0.0.1:0"
-state_dir = "state"
-
-[identity]
-mode = "none"
-
-[recording]
-enabled = false
-
-[forward]
-ca_bundle = "{ca_bundle}"
-
-[[egress]]
-name = "bench-upstream"
-host = "127.0.0.1"
-ports = [{upstream_port}]
-tls = "intercept"
-allow_private = true
-
-[[rules]]
-name = "bench-upstream"
-target = "bench-upstream"
-action = "allow"
-"""
-    )
-    return path
-
-
-def ensure_mitmdump() -> str:
-    """mitmdump from its own venv, created on first use (never in ours: pins conflict)."""
-    binary = MITM_VENV / "bin" / "mitmdump"
-    if binary.exists():
-        return str(binary)
-    python = shutil.which("python3") or sys.executable
-    print(f"installing mitmproxy into {shown(str(MITM_VENV))} (one time)...", flush=True)
-    subprocess.run([python, "-m", "venv", str(MITM_VENV)], check=True, timeout=300)
-    pip = [str(MITM_VENV / "bin" / "python"), "-m", "pip", "install", "--quiet", "mitmproxy"]
-    subprocess.run(pip, check=True, timeout=900)
-    return str(binary)
-
-
-def mitm_version(binary: str) -> str:
-    done = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=60)
-    return done.stdout.splitlines()[0].strip() if done.stdout else "mitmdump"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for_file(path: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{path} did not appear")
-        time.sleep(0.05)
-
-
-# -- main ------------------------------------------------------------------------------
-
-
 def _on_sigterm(_signum: int, _frame: Any) -> None:
     raise SystemExit(143)
+
+
+def measure_rounds(
+    found: dict[str, Any], cases: list[str], conc: int, times: tuple[float, float], rounds: int
+) -> dict[str, Any]:
+    """Alternate the proxies round by round and keep each one's median round by req/s, so
+    a burst of other work on the machine does not land on one proxy only."""
+    runs: dict[str, list[dict[str, Any]]] = {case: [] for case in cases}
+    for number in range(1, rounds + 1):
+        for case in cases:
+            proxy, cafile, pid = found[case]
+            pids = [pid, found["upstream_pid"]]
+            result = throughput(proxy, found["target"], cafile, conc, times, pids)
+            runs[case].append(result)
+            print(
+                f"  {case:<9} round {number}: {result['rps']:>6.0f} req/s  p50 "
+                f"{result['p50_ms']:.3f} ms  p99 {result['p99_ms']:.3f} ms  cpu "
+                f"{result['cpu_us_per_req']} us/req ({result['cpu_pct']}% of a core)  client "
+                f"{result['client_cpu_pct']}%  other {result['other_cpu_pct']}%  errors "
+                f"{result['error_count']}",
+                flush=True,
+            )
+    medians = {}
+    for case, items in runs.items():
+        ordered = sorted(items, key=lambda item: item["rps"])
+        medians[case] = {**ordered[len(ordered) // 2], "rounds_rps": [r["rps"] for r in items]}
+    return medians
+
+
+def verdicts(results: dict[str, Any], fresh: dict[str, Any], conc: int) -> dict[str, Any]:
+    """The medians side by side, the throughput ratio with its verdict, latency context."""
+    print("\nmedian round   req/s   p50 ms   p99 ms  CPU us/req | new conn p50 ms  p99 ms")
+    for case, result in results.items():
+        print(
+            f"  {case:<9} {result['rps']:>8.0f} {result['p50_ms']:>8.3f} {result['p99_ms']:>8.3f}"
+            f" {result['cpu_us_per_req']:>11} | {fresh[case]['p50_ms']:>15.3f}"
+            f" {fresh[case]['p99_ms']:>7.3f}"
+        )
+    ratios: dict[str, Any] = {}
+    if len(results) < 2 or not results["mitmdump"]["rps"]:
+        return ratios
+    ratio = results["sluice"]["rps"] / results["mitmdump"]["rps"]
+    ok = ratio >= RATIO_TARGET and not results["sluice"]["error_count"]
+    ratios["sluice_over_mitmdump_rps"] = {
+        "value": round(ratio, 2),
+        "target": f">= {RATIO_TARGET:g}",
+        "verdict": verdict(ok),
+    }
+    print(
+        f"\nsluice/mitmdump req/s at c={conc}: {ratio:.2f}  (target >= {RATIO_TARGET:g})  "
+        f"{verdict(ok)}"
+    )
+    for key in ("p50_ms", "p99_ms"):
+        if fresh["sluice"][key]:
+            value = fresh["mitmdump"][key] / fresh["sluice"][key]
+            ratios[f"mitmdump_over_sluice_new_connection_{key}"] = round(value, 2)
+            print(f"  (context) new-connection {key[:3]}: mitmdump/sluice {value:.2f}")
+    return ratios
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -240,6 +224,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--duration", type=float, help="seconds per measured case")
     parser.add_argument("--warmup", type=float, help="seconds of warm-up before each case")
     parser.add_argument("--concurrency", type=int, default=8, help="keep-alive connections")
+    parser.add_argument("--rounds", type=int, help="alternating rounds, median kept (3)")
     parser.add_argument("--connections", type=int, help="new connections measured (200)")
     parser.add_argument("--only", choices=CASES, help="measure one proxy only")
     parser.add_argument("--role", help=argparse.SUPPRESS)
@@ -307,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     duration = args.duration or (3.0 if args.quick else 10.0)
     warmup = args.warmup if args.warmup is not None else (1.0 if args.quick else 2.0)
     count = args.connections or (50 if args.quick else 200)
+    args.rounds = args.rounds or (1 if args.quick else 3)
     cases = [args.only] if args.only else list(CASES)
     signal.signal(signal.SIGTERM, _on_sigterm)
     workdir = Path(tempfile.mkdtemp(prefix="sluice-bench-forward-"))
@@ -332,24 +318,12 @@ def main(argv: list[str] | None = None) -> int:
             print(note)
         print(
             f"throughput: {args.concurrency} keep-alive intercepted connections, {duration:g} s "
-            f"after {warmup:g} s warm-up, GET of a 1 KiB body; upstream HTTPS on {target}",
+            f"after {warmup:g} s warm-up, GET of a 1 KiB body, {args.rounds} alternating "
+            f"round(s); upstream HTTPS on {target}",
             flush=True,
         )
-        results: dict[str, Any] = {}
-        for case in cases:
-            proxy, cafile, pid = found[case]
-            pids = [pid, found["upstream_pid"]]
-            result = throughput(proxy, target, cafile, args.concurrency, (warmup, duration), pids)
-            children.check_alive()
-            results[case] = result
-            print(
-                f"  {case:<9} {result['rps']:>8.0f} req/s  p50 {result['p50_ms']:.3f} ms  "
-                f"p99 {result['p99_ms']:.3f} ms  cpu {result['cpu_us_per_req']} us/req "
-                f"({result['cpu_pct']}% of a core)  client {result['client_cpu_pct']}%  "
-                f"other {result['other_cpu_pct']}%  "
-                f"errors {result['error_count']}",
-                flush=True,
-            )
+        results = measure_rounds(found, cases, args.concurrency, (warmup, duration), args.rounds)
+        children.check_alive()
         print(f"new connections: {count} sequential CONNECT + TLS handshake + GET + close")
         fresh: dict[str, Any] = {}
         for case in cases:
@@ -361,24 +335,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{fresh[case]['p99_ms']:.3f} ms  errors {fresh[case]['error_count']}",
                 flush=True,
             )
-        ratios: dict[str, Any] = {}
-        if len(results) == 2 and results["mitmdump"]["rps"]:
-            ratio = results["sluice"]["rps"] / results["mitmdump"]["rps"]
-            ok = ratio >= RATIO_TARGET and not results["sluice"]["error_count"]
-            ratios["sluice_over_mitmdump_rps"] = {
-                "value": round(ratio, 2),
-                "target": f">= {RATIO_TARGET:g}",
-                "verdict": verdict(ok),
-            }
-            print(
-                f"\nsluice/mitmdump req/s at c={args.concurrency}: {ratio:.2f}  "
-                f"(target >= {RATIO_TARGET:g})  {verdict(ok)}"
-            )
-            for key in ("p50_ms", "p99_ms"):
-                if fresh["sluice"][key]:
-                    value = fresh["mitmdump"][key] / fresh["sluice"][key]
-                    ratios[f"mitmdump_over_sluice_new_connection_{key}"] = round(value, 2)
-                    print(f"  (context) new-connection {key[:3]}: mitmdump/sluice {value:.2f}")
+        ratios = verdicts(results, fresh, args.concurrency)
         elapsed = time.monotonic() - started
         print(f"\ntotal {elapsed:.0f} s")
         if args.json:

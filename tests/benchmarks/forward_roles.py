@@ -1,6 +1,7 @@
-"""The forward benchmark's child roles and its client: a threaded HTTPS upstream, and
-intercepted keep-alive connections (``CONNECT``, TLS to the proxy, ``GET``s) on blocking
-``ssl`` sockets, whose TLS runs in C so the client costs little CPU.
+"""The forward benchmark's child roles, its client and its server setup: a threaded HTTPS
+upstream; intercepted keep-alive connections (``CONNECT``, TLS to the proxy, ``GET``s) on
+blocking ``ssl`` sockets, whose TLS runs in C so the client costs little CPU; the upstream's
+throwaway CA, Sluice's config and mitmdump's own venv.
 
 Imported by name (``import forward_roles``) from ``bench_forward.py``.
 """
@@ -9,12 +10,19 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
-from harness import BODY_1K
+from harness import BODY_1K, REPO_ROOT
+from report import shown
+
+MITM_VENV = REPO_ROOT / ".venv-mitm"
 
 PATH = "/api/files/src/cmd/server/main.go?ref=main"
 RESPONSE = (
@@ -158,3 +166,87 @@ def role_client(
         worker.join()
     merged = [round(x * 1e6) for mine in latencies for x in mine]
     print(json.dumps({"latencies_us": merged, "errors": errors}), flush=True)
+
+
+# -- setting the servers up --------------------------------------------------------------
+
+
+def upstream_ca(workdir: Path) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a 127.0.0.1 certificate for the upstream; proxies trust the CA."""
+    import trustme
+
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1")
+    paths = workdir / "upstream-ca.pem", workdir / "upstream.pem", workdir / "upstream-key.pem"
+    ca.cert_pem.write_to_path(str(paths[0]))
+    leaf.cert_chain_pems[0].write_to_path(str(paths[1]))
+    leaf.private_key_pem.write_to_path(str(paths[2]))
+    return paths
+
+
+def sluice_config(workdir: Path, upstream_port: int, ca_bundle: Path) -> Path:
+    path = workdir / "sluice-forward.toml"
+    path.write_text(
+        f"""[proxy]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+state_dir = "state"
+
+[identity]
+mode = "none"
+
+[recording]
+enabled = false
+
+[forward]
+ca_bundle = "{ca_bundle}"
+
+[[egress]]
+name = "bench-upstream"
+host = "127.0.0.1"
+ports = [{upstream_port}]
+tls = "intercept"
+allow_private = true
+
+[[rules]]
+name = "bench-upstream"
+target = "bench-upstream"
+action = "allow"
+"""
+    )
+    return path
+
+
+def ensure_mitmdump() -> str:
+    """mitmdump from its own venv, created on first use (never in ours: pins conflict)."""
+    binary = MITM_VENV / "bin" / "mitmdump"
+    if binary.exists():
+        return str(binary)
+    python = shutil.which("python3") or sys.executable
+    print(f"installing mitmproxy into {shown(str(MITM_VENV))} (one time)...", flush=True)
+    subprocess.run([python, "-m", "venv", str(MITM_VENV)], check=True, timeout=300)
+    pip = [str(MITM_VENV / "bin" / "python"), "-m", "pip", "install", "--quiet", "mitmproxy"]
+    subprocess.run(pip, check=True, timeout=900)
+    return str(binary)
+
+
+def mitm_version(binary: str) -> str:
+    done = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=60)
+    return done.stdout.splitlines()[0].strip() if done.stdout else "mitmdump"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_file(path: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{path} did not appear")
+        time.sleep(0.05)
+
+
+# -- main ------------------------------------------------------------------------------
