@@ -19,7 +19,7 @@ import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
@@ -208,10 +208,15 @@ class ForwardService:
 
     async def server_context(self, hostname: str) -> ssl.SSLContext:
         """The leaf for an intercepted name, from the local CA (created on first use)."""
-        async with self._ca_lock:  # one thread at a time in the CA and its cache
-            if self._ca is None:
-                self._ca = await asyncio.to_thread(self._ca_factory, self.state_dir)
-            return await asyncio.to_thread(self._ca.server_context, hostname)
+        if self._ca is None:
+            async with self._ca_lock:  # created once, by one task
+                if self._ca is None:
+                    self._ca = await asyncio.to_thread(self._ca_factory, self.state_dir)
+        cached = getattr(self._ca, "cached_context", None)
+        context = cached(hostname) if cached is not None else None
+        if context is not None:  # a cache hit needs no thread hop
+            return context
+        return await asyncio.to_thread(self._ca.server_context, hostname)
 
     def target_model(self, config: Config, forward: ForwardRequest) -> TargetModel:
         """The stand-in target that masking and relay code expect."""
@@ -275,7 +280,3 @@ def close_quietly(transport: asyncio.BaseTransport | None) -> None:
     if transport is not None:
         with contextlib.suppress(Exception):
             transport.close()
-
-
-def describe(extra: Any) -> str:
-    return type(extra).__name__

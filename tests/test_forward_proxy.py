@@ -1,0 +1,532 @@
+"""The forward proxy in process: CONNECT and absolute-form requests on the main listener.
+
+Every upstream listens on 127.0.0.1 and the proxy resolves names through a fixed table
+(``forward_support.static_resolver``), so nothing here ever leaves 127.0.0.0/8; names
+that resolve elsewhere (10.0.0.5, 169.254.169.254) are only ever checked, never
+connected to, which the recording connector proves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import ssl
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import trustme
+from aiohttp import web
+from forward_support import (
+    LOOPBACK_NAMES,
+    RecordingConnector,
+    Seen,
+    basic,
+    close,
+    forward_proxy,
+    raw_connect,
+    recording_app,
+    records,
+    serve,
+    server_context,
+    sluice_ca,
+    static_resolver,
+    token,
+    write_forward_config,
+)
+from helpers import admin_token
+
+from proxy.events import Event
+from proxy.masking.fakes import fake
+from proxy.server.forward import system_resolve
+from proxy.server.runtime import ProxyRuntime
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
+GH = fake("github-pat", random.Random(101))[0]
+GH_OUT = fake("github-pat", random.Random(105))[0]
+UPSTREAM_CA = trustme.CA()
+ALLOW_ALL = [{"name": "allow-all", "action": "allow"}]
+PRIVATE_OK = [{"name": "tests", "host": "*.test", "allow_private": True}]
+
+
+def bundle(tmp_path: Path, ca: trustme.CA = UPSTREAM_CA) -> Path:
+    path = tmp_path / "upstream-ca.pem"
+    ca.cert_pem.write_to_path(str(path))
+    return path
+
+
+class Events:
+    def __init__(self, runtime: ProxyRuntime) -> None:
+        self.items: list[Event] = []
+        runtime.bus.add_listener(self.items.append)
+
+    def of(self, kind: str, **match: Any) -> list[dict[str, Any]]:
+        return [
+            e.data
+            for e in self.items
+            if e.type == kind and all(e.data.get(k) == v for k, v in match.items())
+        ]
+
+
+def proxy_client() -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(trust_env=False, timeout=aiohttp.ClientTimeout(total=20))
+
+
+async def via_proxy(
+    runtime: ProxyRuntime,
+    method: str,
+    url: str,
+    *,
+    auth: str | None,
+    data: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, dict[str, str], bytes]:
+    """One request through the proxy with aiohttp's own proxy support (CONNECT for https)."""
+    cafile = sluice_ca(runtime).cert_path
+    context = ssl.create_default_context(cafile=str(cafile))
+    proxy_headers = {"Proxy-Authorization": auth} if auth else None
+    if url.startswith("http://") and auth:  # aiohttp sends proxy_headers only on CONNECT
+        headers = {**(headers or {}), "Proxy-Authorization": auth}
+    async with (
+        proxy_client() as client,
+        client.request(
+            method,
+            url,
+            proxy=runtime.main_url,
+            proxy_headers=proxy_headers,
+            ssl=context,
+            data=data,
+            headers=headers,
+        ) as reply,
+    ):
+        return reply.status, dict(reply.headers), await reply.read()
+
+
+# --------------------------------------------------------------------------- identity
+
+
+async def test_connect_without_or_with_a_bad_token_gets_407(tmp_path: Path) -> None:
+    path = write_forward_config(tmp_path, rules=ALLOW_ALL, egress=PRIVATE_OK)
+    connector = RecordingConnector()
+    async with forward_proxy(path, connector=connector) as runtime:
+        for headers in ({}, {"Proxy-Authorization": "Bearer not-a-token"}):
+            reply = await raw_connect(runtime, "repo.test:443", headers)
+            assert reply.status == 407
+            assert sorted(reply.headers["proxy-authenticate"]) == [
+                'Basic realm="sluice"',
+                'Bearer realm="sluice"',
+            ]
+            body = json.loads(reply.body)
+            assert body["error"] == "proxy_auth_required"
+            assert "not-a-token" not in reply.body.decode()
+            await close(reply)
+    assert connector.attempts == []
+
+
+async def test_bearer_and_basic_proxy_authorization_are_both_accepted(tmp_path: Path) -> None:
+    path = write_forward_config(tmp_path, rules=ALLOW_ALL, egress=PRIVATE_OK)
+    async with (
+        serve(recording_app([]), server_context(UPSTREAM_CA)) as up,
+        forward_proxy(path) as runtime,
+    ):
+        agent = token(runtime)
+        for auth in (f"Bearer {agent}", basic(agent)):
+            reply = await raw_connect(
+                runtime, f"repo.test:{up.port}", {"Proxy-Authorization": auth}
+            )
+            assert reply.status == 200, reply.body
+            await close(reply)
+
+
+async def test_absolute_form_needs_a_proxy_token_too(tmp_path: Path) -> None:
+    path = write_forward_config(tmp_path, rules=ALLOW_ALL, egress=PRIVATE_OK)
+    seen: list[Seen] = []
+    async with serve(recording_app(seen)) as up, forward_proxy(path) as runtime:
+        url = f"http://repo.test:{up.port}/hello"
+        status, headers, body = await via_proxy(runtime, "GET", url, auth=None)
+        assert status == 407
+        assert "Proxy-Authenticate" in headers
+        assert seen == []
+        agent = token(runtime)
+        status, _, body = await via_proxy(runtime, "GET", url, auth=basic(agent))
+        assert status == 200, body
+        assert json.loads(body)["path"] == "/hello"
+        # Proxy-Authorization is Sluice's, never the destination's
+        assert "Proxy-Authorization" not in seen[0].headers
+        assert seen[0].headers["Host"] == f"repo.test:{up.port}"
+
+
+async def test_identity_mode_none_needs_no_token(tmp_path: Path) -> None:
+    path = write_forward_config(
+        tmp_path, rules=ALLOW_ALL, egress=PRIVATE_OK, identity={"mode": "none"}
+    )
+    seen: list[Seen] = []
+    async with serve(recording_app(seen)) as up, forward_proxy(path) as runtime:
+        status, _, _ = await via_proxy(runtime, "GET", f"http://repo.test:{up.port}/", auth=None)
+        assert status == 200
+        reply = await raw_connect(runtime, f"repo.test:{up.port}")
+        assert reply.status == 200
+        await close(reply)
+
+
+# --------------------------------------------------------------------------- policy
+
+
+async def test_denied_host_is_refused_before_connecting(tmp_path: Path) -> None:
+    rules = [
+        {"name": "no-sneaky", "host": "sneaky.test", "action": "deny", "reason": "not there"},
+        *ALLOW_ALL,
+    ]
+    path = write_forward_config(tmp_path, rules=rules, egress=PRIVATE_OK)
+    connector = RecordingConnector()
+    seen: list[Seen] = []
+    async with (
+        serve(recording_app(seen), server_context(UPSTREAM_CA)) as up,
+        forward_proxy(path, connector=connector) as runtime,
+    ):
+        auth = {"Proxy-Authorization": f"Bearer {token(runtime)}"}
+        reply = await raw_connect(runtime, f"sneaky.test:{up.port}", auth)
+        assert reply.status == 403
+        body = json.loads(reply.body)
+        assert (body["error"], body["rule"], body["reason"]) == ("denied", "no-sneaky", "not there")
+        await close(reply)
+        status, _, raw = await via_proxy(
+            runtime, "GET", f"http://sneaky.test:{up.port}/x", auth=auth["Proxy-Authorization"]
+        )
+        assert status == 403 and json.loads(raw)["rule"] == "no-sneaky"
+    assert seen == [] and connector.attempts == []
+    assert runtime.forward is not None and runtime.forward.pins.lookups == 0
+
+
+async def test_denied_port_is_refused_before_connecting(tmp_path: Path) -> None:
+    seen: list[Seen] = []
+    async with serve(recording_app(seen), server_context(UPSTREAM_CA)) as up:
+        rules = [
+            {"name": "repo-https", "host": "repo.test", "port": up.port, "action": "allow"},
+            {"name": "other-ports", "host": "repo.test", "action": "deny", "reason": "port"},
+        ]
+        egress = [{"name": "repo", "host": "repo.test", "allow_private": True}]
+        path = write_forward_config(tmp_path, rules=rules, egress=egress)
+        connector = RecordingConnector()
+        async with forward_proxy(path, connector=connector) as runtime:
+            auth = {"Proxy-Authorization": f"Bearer {token(runtime)}"}
+            for port in (22, 8443):
+                reply = await raw_connect(runtime, f"repo.test:{port}", auth)
+                assert reply.status == 403
+                assert json.loads(reply.body)["rule"] == "other-ports"
+                await close(reply)
+            reply = await raw_connect(runtime, f"repo.test:{up.port}", auth)
+            assert reply.status == 200
+            await close(reply)
+    assert seen == [] and connector.attempts == []
+
+
+async def test_passthrough_without_an_allowing_rule_is_default_denied(tmp_path: Path) -> None:
+    egress = [{"name": "opaque", "host": "*.test", "tls": "passthrough", "allow_private": True}]
+    path = write_forward_config(tmp_path, rules=[], egress=egress)
+    connector = RecordingConnector()
+    async with forward_proxy(path, connector=connector) as runtime:
+        auth = {"Proxy-Authorization": f"Bearer {token(runtime)}"}
+        reply = await raw_connect(runtime, "repo.test:443", auth)
+        assert reply.status == 403
+        assert "default deny" in json.loads(reply.body)["reason"]
+        await close(reply)
+    assert connector.attempts == []
+
+
+# --------------------------------------------------------------------------- addresses
+
+
+async def test_a_name_resolving_to_loopback_is_refused_unless_named(tmp_path: Path) -> None:
+    """No egress entry, an allow-all rule: loopback is still out of reach."""
+    path = write_forward_config(tmp_path, rules=ALLOW_ALL)
+    connector = RecordingConnector()
+    seen: list[Seen] = []
+    async with (
+        serve(recording_app(seen), server_context(UPSTREAM_CA)) as up,
+        forward_proxy(path, connector=connector) as runtime,
+    ):
+        events = Events(runtime)
+        auth = f"Bearer {token(runtime)}"
+        reply = await raw_connect(runtime, f"sneaky.test:{up.port}", {"Proxy-Authorization": auth})
+        assert reply.status == 403
+        body = json.loads(reply.body)
+        assert body["error"] == "destination_refused"
+        assert "127.0.0.1" in body["reason"] and "loopback" in body["reason"]
+        await close(reply)
+        status, _, raw = await via_proxy(
+            runtime, "GET", f"http://sneaky.test:{up.port}/", auth=auth
+        )
+        assert status == 403 and json.loads(raw)["code"] == "destination_refused"
+        done = events.of("request.completed", status=403)
+        assert len(done) == 2
+    assert seen == [] and connector.attempts == []
+
+
+async def test_localhost_through_the_system_resolver_is_refused(tmp_path: Path) -> None:
+    path = write_forward_config(tmp_path, rules=ALLOW_ALL, identity={"mode": "none"})
+    connector = RecordingConnector()
+    seen: list[Seen] = []
+    async with (
+        serve(recording_app(seen)) as up,
+        forward_proxy(path, resolver=system_resolve, connector=connector) as runtime,
+    ):
+        reply = await raw_connect(runtime, f"localhost:{up.port}")
+        assert reply.status == 403
+        assert json.loads(reply.body)["error"] == "destination_refused"
+        await close(reply)
+        status, _, _ = await via_proxy(runtime, "GET", f"http://localhost:{up.port}/", auth=None)
+        assert status == 403
+    assert seen == [] and connector.attempts == []
+
+
+async def test_a_rule_naming_the_host_exactly_lets_it_through(tmp_path: Path) -> None:
+    seen: list[Seen] = []
+    async with serve(recording_app(seen)) as up:
+        rules = [{"name": "this-one", "host": "repo.test", "action": "allow"}]
+        path = write_forward_config(tmp_path, rules=rules, identity={"mode": "none"})
+        async with forward_proxy(path) as runtime:
+            status, _, _ = await via_proxy(
+                runtime, "GET", f"http://repo.test:{up.port}/", auth=None
+            )
+            assert status == 200
+            glob = [{"name": "globbed", "host": "*.test", "action": "allow"}]
+            path.write_text(path.read_text().replace('host = "repo.test"', 'host = "*.test"'))
+            runtime.holder.reload(runtime.bus)
+            assert glob  # a glob does not name a destination explicitly
+            status, _, raw = await via_proxy(
+                runtime, "GET", f"http://repo.test:{up.port}/", auth=None
+            )
+            assert status == 403, raw
+    assert len(seen) == 1
+
+
+PRIVATE_ANSWERS = {
+    "internal.test": ["10.0.0.5"],
+    "metadata.test": ["169.254.169.254"],
+    "cgnat.test": ["100.64.1.1"],
+    "mapped.test": ["::ffff:10.0.0.5"],
+    "ula.test": ["fd00::1"],
+    "mixed.test": ["93.184.216.34", "192.168.1.1"],
+}
+
+
+@pytest.mark.parametrize("mode", ["intercept", "passthrough"])
+async def test_private_and_metadata_addresses_are_never_connected_to(
+    tmp_path: Path, mode: str
+) -> None:
+    egress = [{"name": "any", "host": "*", "tls": mode}]
+    path = write_forward_config(tmp_path, rules=ALLOW_ALL, egress=egress)
+    connector = RecordingConnector()
+    resolver = static_resolver({**LOOPBACK_NAMES, **PRIVATE_ANSWERS})
+    async with forward_proxy(path, resolver=resolver, connector=connector) as runtime:
+        auth = f"Bearer {token(runtime)}"
+        targets = [f"{name}:443" for name in PRIVATE_ANSWERS]
+        targets += ["169.254.169.254:80", "10.1.2.3:443", "[::1]:443", "0.0.0.0:443"]
+        for authority in targets:
+            reply = await raw_connect(runtime, authority, {"Proxy-Authorization": auth})
+            assert reply.status == 403, (authority, reply.body)
+            assert json.loads(reply.body)["error"] == "destination_refused"
+            await close(reply)
+        for name in PRIVATE_ANSWERS:
+            status, _, raw = await via_proxy(runtime, "GET", f"http://{name}/latest", auth=auth)
+            assert status == 403, raw
+        assert runtime.forward is not None and runtime.forward.pins.lookups == 0
+    assert connector.attempts == []
+
+
+async def test_an_unresolvable_name_is_a_clear_502(tmp_path: Path) -> None:
+    path = write_forward_config(tmp_path, rules=ALLOW_ALL, identity={"mode": "none"})
+    connector = RecordingConnector()
+    async with forward_proxy(path, connector=connector) as runtime:
+        reply = await raw_connect(runtime, "nowhere.test:443")
+        assert reply.status == 502
+        body = json.loads(reply.body)
+        assert body["error"] == "destination_unresolved" and "nowhere.test" in body["reason"]
+        await close(reply)
+    assert connector.attempts == []
+
+
+# --------------------------------------------------------------------------- interception
+
+
+async def test_intercepted_https_is_masked_recorded_and_evented(tmp_path: Path) -> None:
+    async def leaky(request: web.Request) -> web.Response:
+        return web.Response(text=f"token={GH}\n", content_type="text/plain")
+
+    seen: list[Seen] = []
+    rules = [{"name": "repo-read", "host": "repo.test", "method": "GET", "action": "allow"}]
+    egress = [{"name": "repo", "host": "repo.test", "allow_private": True}]
+    path = write_forward_config(tmp_path, rules=rules, egress=egress, ca_bundle=bundle(tmp_path))
+    async with (
+        serve(recording_app(seen, leaky), server_context(UPSTREAM_CA)) as up,
+        forward_proxy(path) as runtime,
+    ):
+        events = Events(runtime)
+        auth = f"Bearer {token(runtime)}"
+        url = f"https://repo.test:{up.port}/file?x=1"
+        status, _, body = await via_proxy(
+            runtime, "GET", url, auth=auth, headers={"Authorization": "Bearer upstream-cred"}
+        )
+        assert status == 200
+        assert GH not in body.decode() and body.startswith(b"token=")
+        assert seen[0].path_qs == "/file?x=1"
+        # the agent's Authorization is for the destination and reaches it; Sluice's does not
+        assert seen[0].headers["Authorization"] == "Bearer upstream-cred"
+        assert "Proxy-Authorization" not in seen[0].headers
+        done = events.of("request.completed", target="repo") or events.of(
+            "request.completed", masked=1
+        )
+        assert done and done[0]["masked"] == 1
+        received = events.of("request.received", method="GET")
+        assert received[0]["target"] == "repo"
+        assert (received[0]["host"], received[0]["port"]) == ("repo.test", up.port)
+        assert received[0]["forward"] == "intercept"
+        flows = runtime.flows.recent(10)
+        connect = [f for f in flows if f.get("method") == "CONNECT"]
+        assert connect and connect[0]["decision"] == "intercepted"
+        # a POST is not allowed by any rule: default deny inside the tunnel
+        status, _, raw = await via_proxy(runtime, "POST", url, auth=auth, data=b"{}")
+        assert status == 403 and "default deny" in json.loads(raw)["reason"]
+        assert len(seen) == 1
+    written = records(runtime.state_dir)
+    urls = [r.get("url") for r in written if r.get("kind") == "request"]
+    assert f"https://repo.test:{up.port}/file?x=1" in urls
+    assert f"repo.test:{up.port}" in urls  # the CONNECT itself
+    assert auth.split()[1] not in json.dumps(written, default=str)
+
+
+async def test_a_secret_sent_out_over_https_is_refused(tmp_path: Path) -> None:
+    rules = [
+        {
+            "name": "no-exfiltration",
+            "carries_secret": True,
+            "method": ["POST", "PUT", "PATCH"],
+            "action": "deny",
+            "reason": "the request carries a credential; Sluice does not let secrets leave",
+        },
+        *ALLOW_ALL,
+    ]
+    seen: list[Seen] = []
+    path = write_forward_config(
+        tmp_path, rules=rules, egress=PRIVATE_OK, ca_bundle=bundle(tmp_path)
+    )
+    async with (
+        serve(recording_app(seen), server_context(UPSTREAM_CA)) as up,
+        forward_proxy(path) as runtime,
+    ):
+        auth = f"Bearer {token(runtime)}"
+        url = f"https://repo.test:{up.port}/upload"
+        status, _, raw = await via_proxy(
+            runtime, "POST", url, auth=auth, data=json.dumps({"note": GH_OUT}).encode()
+        )
+        assert status == 403 and json.loads(raw)["rule"] == "no-exfiltration"
+        status, _, _ = await via_proxy(runtime, "POST", url, auth=auth, data=b'{"note": "hi"}')
+        assert status == 200
+    assert [s.body for s in seen] == [b'{"note": "hi"}']
+
+
+async def test_upstream_certificate_failure_is_a_clear_502(tmp_path: Path) -> None:
+    other = trustme.CA()  # the proxy trusts a CA that did not sign the upstream
+    path = write_forward_config(
+        tmp_path, rules=ALLOW_ALL, egress=PRIVATE_OK, ca_bundle=bundle(tmp_path, other)
+    )
+    seen: list[Seen] = []
+    async with (
+        serve(recording_app(seen), server_context(UPSTREAM_CA)) as up,
+        forward_proxy(path) as runtime,
+    ):
+        auth = f"Bearer {token(runtime)}"
+        status, _, raw = await via_proxy(runtime, "GET", f"https://repo.test:{up.port}/", auth=auth)
+        assert status == 502
+        body = json.loads(raw)
+        assert body["error"] == "upstream_tls_failed"
+        assert "repo.test" in body["reason"] and auth.split()[1] not in raw.decode()
+    assert seen == []
+
+
+async def test_held_request_inside_a_tunnel_waits_for_a_person(tmp_path: Path) -> None:
+    rules = [
+        {"name": "deploys", "host": "repo.test", "method": "POST", "action": "approve"},
+        *ALLOW_ALL,
+    ]
+    seen: list[Seen] = []
+    path = write_forward_config(
+        tmp_path,
+        rules=rules,
+        egress=PRIVATE_OK,
+        ca_bundle=bundle(tmp_path),
+        extra={"approvals": {"timeout": "10s"}},
+    )
+    async with (
+        serve(recording_app(seen), server_context(UPSTREAM_CA)) as up,
+        forward_proxy(path) as runtime,
+    ):
+        auth = f"Bearer {token(runtime)}"
+        task = asyncio.create_task(
+            via_proxy(runtime, "POST", f"https://repo.test:{up.port}/deploy", auth=auth, data=b"x")
+        )
+        admin = {"Authorization": f"Bearer {admin_token(runtime)}"}
+        async with proxy_client() as client:
+            pending: list[dict[str, Any]] = []
+            for _ in range(100):
+                async with client.get(f"{runtime.admin_url}/api/approvals", headers=admin) as r:
+                    pending = (await r.json())["approvals"]
+                if pending:
+                    break
+                await asyncio.sleep(0.05)
+            assert pending and pending[0]["target"] == "tests" and pending[0]["path"] == "/deploy"
+            assert seen == []
+            async with client.post(
+                f"{runtime.admin_url}/api/approvals/{pending[0]['id']}",
+                headers=admin,
+                json={"decision": "approve", "scope": "once"},
+            ) as r:
+                assert r.status == 200
+        status, _, _ = await asyncio.wait_for(task, 10)
+        assert status == 200 and len(seen) == 1
+
+
+# --------------------------------------------------------------------------- passthrough
+
+
+async def test_passthrough_tunnel_is_opaque_and_recorded(tmp_path: Path) -> None:
+    egress = [{"name": "opaque", "host": "repo.test", "tls": "passthrough", "allow_private": True}]
+    rules = [{"name": "opaque-ok", "target": "opaque", "port": "1024-65535", "action": "allow"}]
+    path = write_forward_config(tmp_path, rules=rules, egress=egress)
+    seen: list[Seen] = []
+    connector = RecordingConnector()
+    async with (
+        serve(recording_app(seen), server_context(UPSTREAM_CA)) as up,
+        forward_proxy(path, connector=connector) as runtime,
+    ):
+        events = Events(runtime)
+        auth = f"Bearer {token(runtime)}"
+        # the client checks the upstream's own certificate: Sluice is not in the middle
+        context = ssl.create_default_context(cafile=None)
+        UPSTREAM_CA.configure_trust(context)
+        async with (
+            proxy_client() as client,
+            client.get(
+                f"https://repo.test:{up.port}/opaque",
+                proxy=runtime.main_url,
+                proxy_headers={"Proxy-Authorization": auth},
+                ssl=context,
+            ) as reply,
+        ):
+            assert reply.status == 200
+            assert (await reply.json())["path"] == "/opaque"
+        for _ in range(100):
+            done = events.of("request.completed", tunnel="passthrough")
+            if done:
+                break
+            await asyncio.sleep(0.05)
+        assert done and done[0]["bytes_in"] > 0 and done[0]["bytes_out"] > 0
+        # nothing inside the tunnel is a request of Sluice's
+        assert events.of("request.received", method="GET") == []
+    assert connector.attempts == [("127.0.0.1", up.port)]
+    written = records(runtime.state_dir)
+    closed = [r for r in written if r.get("kind") == "tunnel.closed"]
+    assert closed and closed[0]["mode"] == "passthrough" and closed[0]["bytes_down"] > 0
