@@ -123,6 +123,9 @@ def test_concurrent_first_use_makes_one_ca(tmp_path: Path) -> None:
 
 def test_leaf_verifies_in_a_real_handshake(tmp_path: Path) -> None:
     ca = LocalCA.load_or_create(tmp_path)
+    context = ca.server_context("sluice.test")
+    assert context.minimum_version == ssl.TLSVersion.TLSv1_2
+    assert context.options & ssl.OP_NO_RENEGOTIATION
     alpn, version = handshake(ca, "sluice.test", "sluice.test")
     assert alpn == "http/1.1"
     assert version in ("TLSv1.2", "TLSv1.3")

@@ -205,6 +205,7 @@ class LocalCA:
     def _context_for(self, leaf: x509.Certificate) -> ssl.SSLContext:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.options |= ssl.OP_NO_RENEGOTIATION  # client-initiated renegotiation: a DoS lever
         context.set_alpn_protocols(["http/1.1"])
         chain = leaf.public_bytes(serialization.Encoding.PEM) + self._leaf_key_pem
         _load_chain_from_memory(context, chain, self.cert_path.parent)

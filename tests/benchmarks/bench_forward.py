@@ -209,6 +209,10 @@ def verdicts(results: dict[str, Any], fresh: dict[str, Any], conc: int) -> dict[
         f"\nsluice/mitmdump req/s at c={conc}: {ratio:.2f}  (target >= {RATIO_TARGET:g})  "
         f"{verdict(ok)}"
     )
+    cpu = results["sluice"]["cpu_us_per_req"], results["mitmdump"]["cpu_us_per_req"]
+    if cpu[0] and cpu[1]:
+        ratios["mitmdump_over_sluice_cpu_per_request"] = round(cpu[1] / cpu[0], 2)
+        print(f"  (context) CPU per request: mitmdump/sluice {cpu[1] / cpu[0]:.2f}")
     for key in ("p50_ms", "p99_ms"):
         if fresh["sluice"][key]:
             value = fresh["mitmdump"][key] / fresh["sluice"][key]
