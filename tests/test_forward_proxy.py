@@ -530,3 +530,80 @@ async def test_passthrough_tunnel_is_opaque_and_recorded(tmp_path: Path) -> None
     written = records(runtime.state_dir)
     closed = [r for r in written if r.get("kind") == "tunnel.closed"]
     assert closed and closed[0]["mode"] == "passthrough" and closed[0]["bytes_down"] > 0
+
+
+# --------------------------------------------------------------------------- lazy resolution
+
+
+class CountingResolver:
+    def __init__(self, table: dict[str, list[str]]) -> None:
+        self.calls: list[str] = []
+        self.inner = static_resolver(table)
+
+    async def __call__(self, host: str, port: int) -> list[str]:
+        self.calls.append(host)
+        return list(await self.inner(host, port))
+
+
+async def test_an_intercepted_default_deny_resolves_nothing(tmp_path: Path) -> None:
+    """A CONNECT no rule speaks for opens (each request inside is decided), but the name is
+    not looked up: CONNECTs alone cannot turn Sluice's resolver into a DNS channel."""
+    egress = [{"name": "any", "host": "*"}]
+    rules = [{"name": "reads", "host": "*", "method": "GET", "action": "allow"}]
+    path = write_forward_config(tmp_path, rules=rules, egress=egress)
+    resolver = CountingResolver({**LOOPBACK_NAMES, **PRIVATE_ANSWERS})
+    connector = RecordingConnector()
+    async with forward_proxy(path, resolver=resolver, connector=connector) as runtime:
+        auth = f"Bearer {token(runtime)}"
+        status, _, raw = await via_proxy(runtime, "POST", "https://secret-data.test/", auth=auth)
+        assert status == 403 and "default deny" in json.loads(raw)["reason"]
+        assert resolver.calls == []
+        # a request a rule allows is resolved then, and refused for its address
+        status, _, raw = await via_proxy(runtime, "GET", "https://metadata.test/latest", auth=auth)
+        assert status == 403, raw
+        assert json.loads(raw)["code"] == "destination_refused"
+        assert resolver.calls == ["metadata.test"]
+        assert runtime.forward is not None and runtime.forward.pins.lookups == 0
+    assert connector.attempts == []
+
+
+@pytest.mark.parametrize("verdict", ["approve", "deny"])
+async def test_a_passthrough_connect_can_be_held_for_a_person(tmp_path: Path, verdict: str) -> None:
+    egress = [{"name": "opaque", "host": "repo.test", "tls": "passthrough", "allow_private": True}]
+    rules = [{"name": "ask", "target": "opaque", "action": "approve", "reason": "new host"}]
+    path = write_forward_config(
+        tmp_path, rules=rules, egress=egress, extra={"approvals": {"timeout": "10s"}}
+    )
+    connector = RecordingConnector()
+    async with (
+        serve(recording_app([]), server_context(UPSTREAM_CA)) as up,
+        forward_proxy(path, connector=connector) as runtime,
+    ):
+        auth = {"Proxy-Authorization": f"Bearer {token(runtime)}"}
+        task = asyncio.create_task(raw_connect(runtime, f"repo.test:{up.port}", auth))
+        admin = {"Authorization": f"Bearer {admin_token(runtime)}"}
+        async with proxy_client() as client:
+            pending: list[dict[str, Any]] = []
+            for _ in range(100):
+                async with client.get(f"{runtime.admin_url}/api/approvals", headers=admin) as r:
+                    pending = (await r.json())["approvals"]
+                if pending:
+                    break
+                await asyncio.sleep(0.05)
+            assert pending and pending[0]["method"] == "CONNECT"
+            assert pending[0]["path"] == f"repo.test:{up.port}"
+            assert connector.attempts == []
+            async with client.post(
+                f"{runtime.admin_url}/api/approvals/{pending[0]['id']}",
+                headers=admin,
+                json={"decision": verdict, "scope": "once"},
+            ) as r:
+                assert r.status == 200
+        reply = await asyncio.wait_for(task, 10)
+        await close(reply)
+        if verdict == "approve":
+            assert reply.status == 200
+            assert connector.attempts == [("127.0.0.1", up.port)]
+        else:
+            assert reply.status == 403 and json.loads(reply.body)["code"] == "approval_denied"
+            assert connector.attempts == []

@@ -150,17 +150,23 @@ class ConnectHandler:
         if not isinstance(decision, Decision):  # a body rule cannot need a body here: deny
             decision = Decision(Action.DENY, None, "policy could not decide", "policy_error")
         label = await self._tunnel_decision(job, mode, decision, target, authority, identity)
-        allow_private = bool(entry and entry.allow_private) or config.policy.names_host(
-            decision.rule, authority.host
-        )
-        try:
-            verdict = await self.forward.check_destination(config, authority, allow_private)
-        except DestinationRefused as refused:
-            denial = Decision(Action.DENY, None, refused.reason, refused.code)
-            await self._record(job, target, authority, denial, "denied")
-            raise ConnectRefused(
-                refused.status, refused.code, refused.reason, decision="denied"
-            ) from None
+        addresses: tuple[str, ...] = ()
+        if decision.rule is not None:
+            # No rule spoke for this destination (an intercepted default deny): nothing is
+            # resolved now, so a CONNECT alone cannot make Sluice look names up (a DNS
+            # channel out). Each request inside resolves once a rule has allowed it.
+            allow_private = bool(entry and entry.allow_private) or config.policy.names_host(
+                decision.rule, authority.host
+            )
+            try:
+                verdict = await self.forward.check_destination(config, authority, allow_private)
+            except DestinationRefused as refused:
+                denial = Decision(Action.DENY, None, refused.reason, refused.code)
+                await self._record(job, target, authority, denial, "denied")
+                raise ConnectRefused(
+                    refused.status, refused.code, refused.reason, decision="denied"
+                ) from None
+            addresses = verdict.addresses
         self.bus.publish(
             "request.decided",
             request_id=job.request_id,
@@ -170,7 +176,7 @@ class ConnectHandler:
             code=decision.code,
         )
         await self._record(job, target, authority, decision, label)
-        tunnel = Tunnel(authority, target, entry, identity, verdict.addresses, job.request_id)
+        tunnel = Tunnel(authority, target, entry, identity, addresses, job.request_id)
         self.bus.publish("request.forwarded", request_id=job.request_id, upstream=target)
         if mode == "passthrough":
             await self._passthrough(job, tunnel, label)
@@ -448,6 +454,8 @@ class ConnectHandler:
         front.state = "aiohttp"
         if pending:
             handler.data_received(pending)
+        if tls.is_closing():  # the agent left during the handshake: no connection_lost to come
+            handler.sluice_on_lost()  # type: ignore[attr-defined]
         try:
             await closed
         finally:

@@ -231,7 +231,7 @@ class Forwarder:
                     headers={"Retry-After": "30"} if refused.status == 429 else None,
                 ) from None
             label = "approved"
-        if fwd is not None and fwd.tunnel is None and decision.allowed:
+        if fwd is not None and not fwd.addresses and decision.allowed:
             fwd, decision, label = await self._check_destination(config, fwd, decision, label)
         bus.publish(
             "request.decided",
