@@ -144,6 +144,16 @@ def test_curl_and_python_through_sluice(tmp_path: Path) -> None:
             )
             assert status == "403"
 
+            # Loopback is not exempt: the admin API (401 when reached directly) is refused
+            # by Sluice's egress policy because the request went through the proxy.
+            admin = re.search(r'admin_listen = "([^"]+)"', config.read_text())
+            assert admin is not None
+            status = in_agent_shell(
+                config,
+                f"curl -s -o /dev/null -w '%{{http_code}}' http://{admin.group(1)}/api/health",
+            )
+            assert status == "403"
+
             # Without the token the proxy asks for one (407) and nothing reaches upstream.
             status = in_agent_shell(
                 config,
