@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import ssl
 import stat
 import subprocess
@@ -205,3 +206,22 @@ def test_help(command: list[str]) -> None:
         cwd=REPO_ROOT,
     )
     assert proc.returncode == 0 and "usage" in proc.stdout
+
+
+def test_listen_port_zero_is_a_usage_error(tmp_path: Path) -> None:
+    config = write_config(tmp_path, "none", port=0)
+    proc = subprocess.run(
+        [SLUICE, "env", "-c", str(config)], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert "fixed port" in proc.stderr
+
+
+def test_output_also_works_in_a_posix_sh(tmp_path: Path) -> None:
+    if shutil.which("sh") is None:
+        pytest.skip("no sh")
+    config = write_config(tmp_path, "none", state_dir="st ate")
+    script = f'eval "$({SLUICE} env -c \'{config}\')" && printf %s "$GIT_SSL_CAINFO"'
+    proc = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == str(tmp_path / "st ate" / "ca" / "ca-bundle.pem")

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from proxy.config import Config
+from proxy.config_models import parse_host_port
 from proxy.tls.agent_env import (
     agent_environment,
     client_address,
@@ -56,6 +57,13 @@ def run_env(config: Config, sub: str, groups: Sequence[str], ttl: float | None) 
             file=sys.stderr,
         )
         return EXIT_USAGE
+    if parse_host_port(listen)[1] == 0:
+        print(
+            f"sluice env: proxy.listen is {listen!r}: port 0 is picked at start, so an agent "
+            "cannot be pointed at it; give the proxy a fixed port",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     token = None
     if identity.mode == "local":
         from proxy.identity.local import LocalIssuer
@@ -81,6 +89,8 @@ def run_env(config: Config, sub: str, groups: Sequence[str], ttl: float | None) 
         bundle=bundle,
         ca_cert=ca.cert_path,
     )
+    if sys.stdout.isatty():
+        print('sluice env: meant for your shell: eval "$(sluice env ...)"', file=sys.stderr)
     sys.stdout.write(render_exports(values, comments))
     sys.stdout.flush()
     return EXIT_OK
