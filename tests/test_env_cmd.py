@@ -225,3 +225,18 @@ def test_output_also_works_in_a_posix_sh(tmp_path: Path) -> None:
     proc = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == str(tmp_path / "st ate" / "ca" / "ca-bundle.pem")
+
+
+def test_an_inherited_sluice_bundle_is_not_nested(tmp_path: Path) -> None:
+    first = tmp_path / "one"
+    first.mkdir()
+    values, proc = eval_env(write_config(first, "none"))
+    assert proc.returncode == 0, proc.stderr
+    other = tmp_path / "two"
+    other.mkdir()
+    inherit = {"SSL_CERT_FILE": values["SSL_CERT_FILE"]}
+    again, proc = eval_env(write_config(other, "none"), inherit=inherit)
+    assert proc.returncode == 0, proc.stderr
+    bundle = Path(again["SSL_CERT_FILE"]).read_bytes()
+    assert bundle.count(b"# Sluice local CA") == 1
+    assert (first / "state" / "ca" / "sluice-ca.pem").read_bytes() not in bundle

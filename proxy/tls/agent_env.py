@@ -32,6 +32,7 @@ from proxy.config_models import parse_host_port
 from proxy.tls.ca import CAError, LocalCA
 
 BUNDLE_FILE = "ca-bundle.pem"
+BUNDLE_MARKER = b"# Sluice local CA (TLS interception by the gateway)"
 PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")
 NO_PROXY_VARIABLES = ("NO_PROXY", "no_proxy")
 REPLACING_CA_VARIABLES = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "GIT_SSL_CAINFO")
@@ -92,13 +93,18 @@ def system_ca_candidates(exclude: Iterable[Path] = ()) -> list[Path]:
 
 
 def system_ca_pem(exclude: Iterable[Path] = ()) -> tuple[bytes, Path | None]:
-    """The first readable bundle holding certificates, and its path (None if none)."""
+    """The first readable bundle holding certificates, and its path (None if none).
+
+    A bundle some ``sluice env`` wrote (``SSL_CERT_FILE`` in a shell that already ran it,
+    perhaps for another state dir) is skipped: it would carry that other CA along."""
     for path in system_ca_candidates(exclude):
         try:
-            data = path.read_bytes()[:_MAX_BUNDLE]
+            if path.stat().st_size > _MAX_BUNDLE:
+                continue
+            data = path.read_bytes()
         except OSError:
             continue
-        if b"-----BEGIN CERTIFICATE-----" in data:
+        if b"-----BEGIN CERTIFICATE-----" in data and BUNDLE_MARKER not in data:
             return data, path
     return b"", None
 
@@ -110,7 +116,7 @@ def write_bundle(ca: LocalCA) -> tuple[Path, Path | None]:
     system, source = system_ca_pem(exclude=[target, ca.cert_path])
     if system and not system.endswith(b"\n"):
         system += b"\n"
-    data = system + b"# Sluice local CA (TLS interception by the gateway)\n" + ca.certificate_pem()
+    data = system + BUNDLE_MARKER + b"\n" + ca.certificate_pem()
     temp = target.with_name(f".{BUNDLE_FILE}.{secrets.token_hex(6)}.tmp")
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     try:
