@@ -607,3 +607,50 @@ async def test_a_passthrough_connect_can_be_held_for_a_person(tmp_path: Path, ve
         else:
             assert reply.status == 403 and json.loads(reply.body)["code"] == "approval_denied"
             assert connector.attempts == []
+
+
+# --------------------------------------------------------------------------- hygiene
+
+
+async def test_proxy_tokens_never_reach_logs_events_or_recordings(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("DEBUG")
+    path = write_forward_config(
+        tmp_path, rules=ALLOW_ALL, egress=PRIVATE_OK, ca_bundle=bundle(tmp_path)
+    )
+    async with (
+        serve(recording_app([]), server_context(UPSTREAM_CA)) as up,
+        forward_proxy(path) as runtime,
+    ):
+        events = Events(runtime)
+        agent = token(runtime)
+        bad = agent[:-6] + "AAAAAA"
+        for auth in (f"Bearer {bad}", basic(bad), basic(agent)):
+            reply = await raw_connect(
+                runtime, f"repo.test:{up.port}", {"Proxy-Authorization": auth}
+            )
+            await close(reply)
+        await via_proxy(runtime, "GET", f"https://repo.test:{up.port}/x", auth=f"Bearer {agent}")
+        await via_proxy(runtime, "GET", f"http://repo.test:{up.port}/x", auth=basic(agent))
+        await via_proxy(runtime, "GET", f"http://repo.test:{up.port}/x", auth=f"Bearer {bad}")
+        shown = json.dumps([e.data for e in events.items], default=str)
+    written = json.dumps(records(runtime.state_dir), default=str)
+    logged = "\n".join(f"{r.getMessage()} {r.exc_text or ''}" for r in caplog.records)
+    for secret in (agent, bad, agent.split(".")[2], bad.split(".")[2]):
+        assert secret not in shown and secret not in written and secret not in logged
+
+
+async def test_forwarding_can_be_switched_off(tmp_path: Path) -> None:
+    path = write_forward_config(
+        tmp_path, rules=ALLOW_ALL, egress=PRIVATE_OK, extra={"forward": {"enabled": False}}
+    )
+    connector = RecordingConnector()
+    async with forward_proxy(path, connector=connector) as runtime:
+        auth = f"Bearer {token(runtime)}"
+        reply = await raw_connect(runtime, "repo.test:443", {"Proxy-Authorization": auth})
+        assert reply.status == 405 and json.loads(reply.body)["error"] == "forward_disabled"
+        await close(reply)
+        status, _, _ = await via_proxy(runtime, "GET", "http://repo.test:1/", auth=auth)
+        assert status == 400
+    assert connector.attempts == []

@@ -418,6 +418,10 @@ class ConnectHandler:
         transport = front.transport
         if transport is None or transport.is_closing():
             raise ConnectRefused(499, "client_gone", "the agent hung up", decision=label)
+        if front.buffer:  # bytes before our 200 cannot be the start of TLS with us
+            raise ConnectRefused(
+                400, "bad_request", "data was sent before the tunnel was open", decision=label
+            )
         transport.write(raw_answer(200, b""))
         self.bus.publish(
             "request.response_started", request_id=job.request_id, status=200, upstream_ms=0

@@ -29,6 +29,8 @@ def forward_request(request: web.Request, config: Config) -> tuple[ForwardReques
     raw = request.raw_path
     if raw.startswith("/"):
         return None
+    if request.method == "CONNECT":
+        raise BadRequest("CONNECT must be the first request on a connection; open a new one")
     scheme = raw.partition(":")[0].lower()
     if scheme not in ("http", "https"):
         raise BadRequest("request target must be an absolute path or an http:// URL")
