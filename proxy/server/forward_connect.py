@@ -12,17 +12,14 @@ recording. Passthrough tunnels carry opaque bytes; their flow keeps the byte cou
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from aiohttp.web_protocol import RequestHandler
 
-from proxy.approvals import ApprovalDesk, DeskClosed, QueueFull, State, fingerprint
-from proxy.config import Config
+from proxy.approvals import ApprovalDesk
 from proxy.egress import Authority, BadDestination, parse_authority
 from proxy.events import CURRENT_SESSION, EventBus
 from proxy.identity import Identity, IdentityError, KeysUnavailable
@@ -31,46 +28,18 @@ from proxy.policy import Action, Decision
 from proxy.reload import ConfigHolder
 from proxy.server.forward import DestinationRefused, ForwardService, Tunnel
 from proxy.server.forward_front import ConnectHead, ForwardFront, raw_answer
+from proxy.server.forward_outcomes import (
+    PROXY_AUTHENTICATE,
+    Connect,
+    ConnectRefused,
+    Outcomes,
+    hold_connect,
+)
 from proxy.server.forward_tunnel import Pipe
 from proxy.server.identity_http import IdentityGate
 from proxy.server.recording_tap import RecordingRefused, RecordingTap
 
 log = logging.getLogger("sluice.forward")
-PROXY_AUTHENTICATE = [
-    ("Proxy-Authenticate", 'Basic realm="sluice"'),
-    ("Proxy-Authenticate", 'Bearer realm="sluice"'),
-]
-
-
-def _ms(started: float) -> float:
-    return round((time.perf_counter() - started) * 1000, 3)
-
-
-class ConnectRefused(Exception):
-    def __init__(
-        self,
-        status: int,
-        error: str,
-        reason: str,
-        *,
-        decision: str = "refused",
-        rule: str | None = None,
-        headers: list[tuple[str, str]] | None = None,
-        **extra: Any,
-    ) -> None:
-        super().__init__(reason)
-        self.status, self.error, self.reason = status, error, reason
-        self.decision, self.rule, self.headers, self.extra = decision, rule, headers, extra
-
-
-@dataclass
-class _Connect:
-    front: ForwardFront
-    head: ConnectHead
-    config: Config
-    request_id: str
-    started: float
-    identity: Identity | None = None
 
 
 class ConnectHandler:
@@ -89,27 +58,28 @@ class ConnectHandler:
         self.new_request_id = new_request_id
         self.tunnel_handler = tunnel_handler
         self.tap, self.desk = tap, desk
+        self.outcomes = Outcomes(bus, tap)
         self.tasks: set[asyncio.Task[None]] = set()
 
     def __call__(self, front: ForwardFront, head: ConnectHead) -> asyncio.Task[None]:
-        job = _Connect(front, head, self.holder.current, self.new_request_id(), time.perf_counter())
+        job = Connect(front, head, self.holder.current, self.new_request_id(), time.perf_counter())
         task = asyncio.create_task(self._run(job), name=f"connect-{job.request_id}")
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
         return task
 
-    async def _run(self, job: _Connect) -> None:
+    async def _run(self, job: Connect) -> None:
         try:
             await self._connect(job)
         except ConnectRefused as refused:
-            self._refuse(job, refused)
+            self.outcomes.refuse(job, refused)
         except Exception:  # never leave an agent hanging: refuse, keep the reason generic
             log.exception("CONNECT %s failed", job.request_id)
-            self._refuse(job, ConnectRefused(502, "internal_error", "the tunnel failed"))
+            self.outcomes.refuse(job, ConnectRefused(502, "internal_error", "the tunnel failed"))
         finally:
             job.front.release()
 
-    async def _connect(self, job: _Connect) -> None:
+    async def _connect(self, job: Connect) -> None:
         config, head = job.config, job.head
         received: dict[str, Any] = {
             "request_id": job.request_id,
@@ -183,7 +153,7 @@ class ConnectHandler:
         else:
             await self._intercept(job, tunnel, label)
 
-    async def _authenticate(self, job: _Connect, received: dict[str, Any]) -> Identity:
+    async def _authenticate(self, job: Connect, received: dict[str, Any]) -> Identity:
         try:
             return await self.gate.authenticate(job.config, job.head.get("Proxy-Authorization"))
         except IdentityError as exc:
@@ -206,7 +176,7 @@ class ConnectHandler:
 
     async def _tunnel_decision(
         self,
-        job: _Connect,
+        job: Connect,
         mode: str,
         decision: Decision,
         target: str,
@@ -240,105 +210,13 @@ class ConnectHandler:
         if mode != "passthrough":
             return "intercepted"
         if decision.action is Action.APPROVE:
-            return await self._hold(job, decision, target, authority, identity)
+            return await hold_connect(
+                self.desk, self.bus, job, decision, target, authority, identity
+            )
         return "allowed"
 
-    async def _hold(
-        self,
-        job: _Connect,
-        decision: Decision,
-        target: str,
-        authority: Authority,
-        identity: Identity,
-    ) -> str:
-        desk = self.desk
-        if desk is None:
-            raise ConnectRefused(
-                403,
-                "denied",
-                f"{decision.reason} (approvals are not enabled)",
-                decision="denied",
-                rule=decision.rule,
-                code="approval_unavailable",
-            )
-        settings = job.config.approvals
-        fp = fingerprint("CONNECT", target, authority.shown, "", b"")
-        standing = desk.standing_verdict(fp, identity.session, decision.rule)
-        if standing is not None:
-            if standing.verdict == "allow":
-                return "approved"
-            raise ConnectRefused(
-                403,
-                "denied",
-                f"denied earlier for this session by {standing.by}",
-                decision="denied",
-                rule=decision.rule,
-                code="approval_denied",
-            )
-        self.bus.publish(
-            "request.held",
-            request_id=job.request_id,
-            decision="held",
-            rule=decision.rule,
-            reason=decision.reason,
-            code="held",
-        )
-        try:
-            held = desk.hold(
-                request_id=job.request_id,
-                session=identity.session,
-                subject=identity.subject,
-                method="CONNECT",
-                target=target,
-                path=authority.shown,
-                query="",
-                rule=decision.rule,
-                reason=decision.reason,
-                preview="(an opaque TLS tunnel: Sluice sees no request inside)",
-                body_sha256=hashlib.sha256(b"").hexdigest(),
-                fingerprint=fp,
-                deadline=time.time() + settings.timeout,
-                session_expires=identity.expires_at,
-            )
-        except (DeskClosed, QueueFull) as exc:
-            raise ConnectRefused(
-                503 if isinstance(exc, DeskClosed) else 429,
-                "approval_unavailable",
-                "no approval can be requested now; retry later",
-                rule=decision.rule,
-            ) from None
-        state = await desk.wait(held, job.front.gone())
-        if state is State.APPROVED:
-            return "approved"
-        if state is State.DENIED:
-            by = held.decided_by or "Sluice"
-            raise ConnectRefused(
-                403,
-                "denied",
-                f"denied by {by}: {held.decision_reason or 'no reason given'}",
-                decision="denied",
-                rule=decision.rule,
-                code="approval_denied",
-            )
-        if state is State.EXPIRED:
-            raise ConnectRefused(
-                403,
-                "approval_timeout",
-                f"no one decided within {settings.timeout:g}s (approval {held.id})",
-                decision="denied",
-                rule=decision.rule,
-                approval_id=held.id,
-            )
-        raise ConnectRefused(
-            499,
-            "client_gone",
-            "the agent hung up while held",
-            decision="withdrawn",
-            rule=decision.rule,
-        )
-
     async def _record(
-        self, job: _Connect, target: str, authority: Authority, decision: Decision, label: str
+        self, job: Connect, target: str, authority: Authority, decision: Decision, label: str
     ) -> None:
         """Durable before anything is connected to (or refused): no record, no tunnel."""
         if self.tap is None or job.identity is None:
@@ -368,7 +246,22 @@ class ConnectHandler:
                 "the session recorder cannot write; nothing is forwarded unrecorded",
             ) from None
 
-    async def _passthrough(self, job: _Connect, tunnel: Tunnel, label: str) -> None:
+    def _established(self, job: Connect, transport: asyncio.Transport) -> None:
+        """The 200 that opens the tunnel, in the flow and the recording (as its response)."""
+        transport.write(raw_answer(200, b""))
+        self.bus.publish(
+            "request.response_started", request_id=job.request_id, status=200, upstream_ms=0
+        )
+        if self.tap is not None and job.identity is not None:
+            self.tap.response(
+                request_id=job.request_id,
+                session=job.identity.session,
+                status=200,
+                headers=[],
+                capture=None,
+            )
+
+    async def _passthrough(self, job: Connect, tunnel: Tunnel, label: str) -> None:
         front = job.front
         pipe = Pipe(job.config.limits.idle_timeout)
         try:
@@ -387,10 +280,7 @@ class ConnectHandler:
             upstream.close()
             raise ConnectRefused(499, "client_gone", "the agent hung up", decision=label)
         self.forward.tunnels.add(transport)
-        transport.write(raw_answer(200, b""))
-        self.bus.publish(
-            "request.response_started", request_id=job.request_id, status=200, upstream_ms=0
-        )
+        self._established(job, transport)
         early, front.buffer = bytes(front.buffer), bytearray()
         front.state = "pipe"
         pipe.attach_client(transport)
@@ -401,9 +291,9 @@ class ConnectHandler:
         finally:
             self.forward.tunnels.discard(transport)
             pipe.abort()
-        self._tunnel_closed(job, tunnel, label, "passthrough", up=pipe.up, down=pipe.down)
+        self.outcomes.tunnel_closed(job, tunnel, label, "passthrough", up=pipe.up, down=pipe.down)
 
-    async def _intercept(self, job: _Connect, tunnel: Tunnel, label: str) -> None:
+    async def _intercept(self, job: Connect, tunnel: Tunnel, label: str) -> None:
         front = job.front
         try:
             context = await self.forward.server_context(tunnel.authority.host)
@@ -422,10 +312,7 @@ class ConnectHandler:
             raise ConnectRefused(
                 400, "bad_request", "data was sent before the tunnel was open", decision=label
             )
-        transport.write(raw_answer(200, b""))
-        self.bus.publish(
-            "request.response_started", request_id=job.request_id, status=200, upstream_ms=0
-        )
+        self._established(job, transport)
         front.state = "tls"
         loop = asyncio.get_running_loop()
         try:
@@ -438,7 +325,7 @@ class ConnectHandler:
             )
         except Exception as exc:
             transport.abort()
-            self._failed(
+            self.outcomes.failed(
                 job,
                 label,
                 f"the agent did not complete TLS with Sluice's CA "
@@ -464,82 +351,7 @@ class ConnectHandler:
             await closed
         finally:
             self.forward.tunnels.discard(tls)
-        self._tunnel_closed(job, tunnel, label, "intercept", requests=tunnel.requests)
-
-    def _tunnel_closed(
-        self, job: _Connect, tunnel: Tunnel, label: str, mode: str, **counts: int
-    ) -> None:
-        duration = _ms(job.started)
-        self.bus.publish(
-            "request.completed",
-            request_id=job.request_id,
-            status=200,
-            decision=label,
-            tunnel=mode,
-            bytes_in=counts.get("up"),
-            bytes_out=counts.get("down", 0),
-            duration_ms=duration,
-            **({"requests": counts["requests"]} if "requests" in counts else {}),
-        )
-        if self.tap is not None and job.identity is not None:
-            self.tap.note(
-                "tunnel.closed",
-                request_id=job.request_id,
-                session=job.identity.session,
-                mode=mode,
-                destination=tunnel.authority.shown,
-                bytes_up=counts.get("up"),
-                bytes_down=counts.get("down"),
-                requests=counts.get("requests"),
-                duration_ms=duration,
-            )
-
-    def _failed(self, job: _Connect, label: str, reason: str) -> None:
-        self.bus.publish(
-            "request.failed",
-            request_id=job.request_id,
-            status=200,
-            decision=label,
-            error=reason,
-            upstream_error="client_tls_failed",
-            bytes_out=0,
-            duration_ms=_ms(job.started),
-        )
-
-    def _refuse(self, job: _Connect, refused: ConnectRefused) -> None:
-        extra = dict(refused.extra)
-        if refused.rule is not None:
-            extra.setdefault("rule", refused.rule)
-        headers = [("X-Sluice-Request-Id", job.request_id), *(refused.headers or [])]
-        sent = job.front.refuse(
-            refused.status,
-            refused.error,
-            refused.reason,
-            headers,
-            request_id=job.request_id,
-            **extra,
-        )
-        session = job.identity.session if job.identity else None
-        if self.tap is not None and refused.error != "recording_unavailable" and session:
-            self.tap.note(
-                "error",
-                request_id=job.request_id,
-                session=session,
-                status=refused.status,
-                error=refused.error,
-                reason=refused.reason,
-            )
-        self.bus.publish(
-            "request.completed",
-            request_id=job.request_id,
-            status=refused.status,
-            decision=refused.decision,
-            rule=refused.rule,
-            code=refused.error,
-            reason=refused.reason,
-            bytes_out=sent,
-            duration_ms=_ms(job.started),
-        )
+        self.outcomes.tunnel_closed(job, tunnel, label, "intercept", requests=tunnel.requests)
 
 
 def _peer(front: ForwardFront) -> str | None:

@@ -27,8 +27,8 @@ from proxy.matcher import Facts, headers_for_facts
 from proxy.policy import NEEDS_BODY, Action, Decision
 from proxy.reload import ConfigHolder
 from proxy.server.forward import DestinationRefused, ForwardRequest, ForwardService
-from proxy.server.forward_connect import PROXY_AUTHENTICATE
 from proxy.server.forward_http import forward_request
+from proxy.server.forward_outcomes import PROXY_AUTHENTICATE
 from proxy.server.guard import error_response
 from proxy.server.holding import Holding, HoldRefused
 from proxy.server.identity_http import IdentityGate
