@@ -396,3 +396,72 @@ async def test_git_clone_held_push_approved_and_denied_push(tmp_path: Path) -> N
         "git", "--git-dir", str(root / "locked.git"), "log", "--format=%s", "main", env=plain_env
     )
     assert out.split() == ["one"]
+
+
+# --------------------------------------------------------------------------- a real process
+
+
+@needs_curl
+async def test_sluice_proxy_process_trusts_ssl_cert_file_and_intercepts_an_ip(
+    tmp_path: Path,
+) -> None:
+    """`sluice proxy` as its own process, with the system resolver and connector, and no
+    ca_bundle: the upstream's CA comes from SSL_CERT_FILE in the proxy's environment."""
+    from proxy.tls.ca import LocalCA
+
+    source_root = Path(__file__).resolve().parent.parent
+    seen: list[Seen] = []
+    rules = [{"name": "lab", "host": "127.0.0.1", "method": "GET", "action": "allow"}]
+    egress = [{"name": "lab", "host": "127.0.0.1", "allow_private": True}]
+    path = write_forward_config(tmp_path, rules=rules, egress=egress, identity={"mode": "none"})
+    upstream_ca = bundle(tmp_path)
+    state = tmp_path / "cli-state"
+    env = clean_env(
+        tmp_path,
+        PYTHONPATH=str(source_root),
+        PYTHONUNBUFFERED="1",
+        SSL_CERT_FILE=str(upstream_ca),
+    )
+    async with serve(recording_app(seen, leaky), server_context(UPSTREAM_CA)) as up:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "proxy",
+            "proxy",
+            "-c",
+            str(path),
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--state-dir",
+            str(state),
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            assert process.stdout is not None
+            main_url = ""
+            async with asyncio.timeout(20):
+                while not main_url:
+                    line = (await process.stdout.readline()).decode()
+                    assert line, "the proxy exited before listening"
+                    if "listening on " in line:
+                        main_url = line.split("listening on ", 1)[1].split()[0]
+            ca = LocalCA.load_or_create(state).cert_path
+            base = ["curl", "-sS", "--max-time", "15", "-x", main_url, "--cacert", str(ca)]
+            code, out, err = await run(
+                *base, f"https://127.0.0.1:{up.port}/log", env=clean_env(tmp_path)
+            )
+            assert code == 0, err
+            assert out.startswith("deploy_token=") and GH not in out
+            # the same upstream by a name that resolves to loopback, no rule naming it
+            code, out, err = await run(
+                *base, f"http://localhost:{up.port}/log", env=clean_env(tmp_path)
+            )
+            assert code == 0 and json.loads(out)["error"] in ("denied", "destination_refused")
+        finally:
+            process.terminate()
+            await asyncio.wait_for(process.wait(), 15)
+    assert len(seen) == 1
