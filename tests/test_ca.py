@@ -273,3 +273,12 @@ def test_threads_share_the_cache_safely(tmp_path: Path) -> None:
 
 def _parts(ca: LocalCA) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey, Path]:
     return ca.cert, ca._key, ca.cert_path
+
+
+def test_international_names_become_a_labels(tmp_path: Path) -> None:
+    ca = LocalCA.load_or_create(tmp_path)
+    assert normalize_host("Bücher.Example") == "xn--bcher-kva.example"
+    leaf = ca.mint_leaf(normalize_host("bücher.example"))
+    san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["xn--bcher-kva.example"]
+    assert ca.server_context("bücher.example") is ca.server_context("xn--bcher-kva.example")
