@@ -654,3 +654,88 @@ async def test_forwarding_can_be_switched_off(tmp_path: Path) -> None:
         status, _, _ = await via_proxy(runtime, "GET", "http://repo.test:1/", auth=auth)
         assert status == 400
     assert connector.attempts == []
+
+
+async def test_an_egress_entry_can_switch_masking_off(tmp_path: Path) -> None:
+    async def leaky(request: web.Request) -> web.Response:
+        return web.Response(text=f"token={GH}\n", content_type="text/plain")
+
+    egress = [
+        {"name": "raw", "host": "raw.test", "allow_private": True, "masking": {"enabled": False}},
+        {"name": "lab", "host": "*.test", "allow_private": True},
+    ]
+    path = write_forward_config(
+        tmp_path, rules=ALLOW_ALL, egress=egress, ca_bundle=bundle(tmp_path)
+    )
+    resolver = static_resolver({**LOOPBACK_NAMES, "raw.test": ["127.0.0.1"]})
+    async with (
+        serve(recording_app([], leaky), server_context(UPSTREAM_CA, "raw.test", "repo.test")) as up,
+        forward_proxy(path, resolver=resolver) as runtime,
+    ):
+        auth = f"Bearer {token(runtime)}"
+        _, _, masked = await via_proxy(runtime, "GET", f"https://repo.test:{up.port}/", auth=auth)
+        _, _, plain = await via_proxy(runtime, "GET", f"https://raw.test:{up.port}/", auth=auth)
+    assert GH not in masked.decode() and GH in plain.decode()
+
+
+async def test_an_idle_passthrough_tunnel_is_closed(tmp_path: Path) -> None:
+    egress = [{"name": "opaque", "host": "repo.test", "tls": "passthrough", "allow_private": True}]
+    rules = [{"name": "ok", "target": "opaque", "action": "allow"}]
+    path = write_forward_config(
+        tmp_path, rules=rules, egress=egress, extra={"limits": {"idle_timeout": "0.5s"}}
+    )
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        data = await reader.read(100)
+        writer.write(data.upper())
+        await writer.drain()
+        await reader.read()  # then stay quiet until closed
+        writer.close()
+
+    server = await asyncio.start_server(echo, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with forward_proxy(path) as runtime:
+            events = Events(runtime)
+            auth = {"Proxy-Authorization": f"Bearer {token(runtime)}"}
+            reply = await raw_connect(runtime, f"repo.test:{port}", auth)
+            assert reply.status == 200
+            reply.writer.write(b"hello")
+            assert await asyncio.wait_for(reply.reader.read(100), 5) == b"HELLO"
+            assert await asyncio.wait_for(reply.reader.read(100), 5) == b""  # closed when idle
+            await close(reply)
+            for _ in range(50):
+                if events.of("request.completed", tunnel="passthrough"):
+                    break
+                await asyncio.sleep(0.05)
+            done = events.of("request.completed", tunnel="passthrough")
+            assert done and (done[0]["bytes_in"], done[0]["bytes_out"]) == (5, 5)
+    finally:
+        server.close()
+
+
+async def test_connects_count_against_the_connection_cap(tmp_path: Path) -> None:
+    path = write_forward_config(
+        tmp_path,
+        rules=ALLOW_ALL,
+        egress=PRIVATE_OK,
+        identity={"mode": "none"},
+        extra={"limits": {"max_connections": 2}},
+    )
+    async with (
+        serve(recording_app([]), server_context(UPSTREAM_CA)) as up,
+        forward_proxy(path) as runtime,
+    ):
+        tunnels = [await raw_connect(runtime, f"repo.test:{up.port}") for _ in range(2)]
+        assert [t.status for t in tunnels] == [200, 200]
+        host, port = runtime.main_url.removeprefix("http://").rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        answer = await asyncio.wait_for(reader.read(), 5)
+        assert b" 503 " in answer.split(b"\r\n")[0] and b"too_many_connections" in answer
+        writer.close()
+        for tunnel in tunnels:
+            await close(tunnel)
+        await asyncio.sleep(0.2)
+        again = await raw_connect(runtime, f"repo.test:{up.port}")
+        assert again.status == 200
+        await close(again)
