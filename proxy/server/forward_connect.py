@@ -121,7 +121,7 @@ class ConnectHandler:
             decision = Decision(Action.DENY, None, "policy could not decide", "policy_error")
         label = await self._tunnel_decision(job, mode, decision, target, authority, identity)
         addresses: tuple[str, ...] = ()
-        if decision.rule is not None:
+        if decision.action is not Action.DENY:
             # No rule spoke for this destination (an intercepted default deny): nothing is
             # resolved now, so a CONNECT alone cannot make Sluice look names up (a DNS
             # channel out). Each request inside resolves once a rule has allowed it.
@@ -189,7 +189,8 @@ class ConnectHandler:
         Intercept: only an explicit deny refuses the tunnel; every request inside is then
         decided in full (default deny included), and approvals hold those requests.
         """
-        if decision.action is Action.DENY and (mode == "passthrough" or decision.rule):
+        explicit = decision.rule is not None or decision.code != "denied"  # policy errors too
+        if decision.action is Action.DENY and (mode == "passthrough" or explicit):
             await self._record(job, target, authority, decision, "denied")
             self.bus.publish(
                 "request.decided",
@@ -288,9 +289,13 @@ class ConnectHandler:
             pipe.carry(pipe.client, early)
         try:
             await pipe.done
-        finally:
-            self.forward.tunnels.discard(transport)
+        except BaseException:  # cancelled (shutdown): cut both sides now
             pipe.abort()
+            raise
+        finally:
+            # After a normal end both sides are closing gracefully: an abort here would
+            # drop the last bytes still in a write buffer.
+            self.forward.tunnels.discard(transport)
         self.outcomes.tunnel_closed(job, tunnel, label, "passthrough", up=pipe.up, down=pipe.down)
 
     async def _intercept(self, job: Connect, tunnel: Tunnel, label: str) -> None:
