@@ -739,3 +739,34 @@ async def test_connects_count_against_the_connection_cap(tmp_path: Path) -> None
         again = await raw_connect(runtime, f"repo.test:{up.port}")
         assert again.status == 200
         await close(again)
+
+
+async def test_a_passthrough_tunnel_delivers_every_byte_before_closing(tmp_path: Path) -> None:
+    """The destination writes 8 MiB and hangs up at once: the agent still gets all of it."""
+    egress = [{"name": "opaque", "host": "repo.test", "tls": "passthrough", "allow_private": True}]
+    rules = [{"name": "ok", "target": "opaque", "action": "allow"}]
+    path = write_forward_config(tmp_path, rules=rules, egress=egress)
+    payload = random.Random(7).randbytes(8 * 1024 * 1024)
+
+    async def blast(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readexactly(4)
+        writer.write(payload)
+        writer.close()
+
+    server = await asyncio.start_server(blast, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with forward_proxy(path) as runtime:
+            auth = {"Proxy-Authorization": f"Bearer {token(runtime)}"}
+            reply = await raw_connect(runtime, f"repo.test:{port}", auth)
+            assert reply.status == 200
+            reply.writer.write(b"go!\n")
+            await asyncio.sleep(0.5)  # a slow reader: the proxy's buffers are full at the end
+            received = bytearray()
+            async with asyncio.timeout(20):
+                while chunk := await reply.reader.read(1 << 20):
+                    received += chunk
+            await close(reply)
+            assert len(received) == len(payload) and bytes(received) == payload
+    finally:
+        server.close()
