@@ -12,6 +12,7 @@ import asyncio
 import json
 import random
 import ssl
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,7 @@ pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
 GH = fake("github-pat", random.Random(101))[0]
 GH_OUT = fake("github-pat", random.Random(105))[0]
 UPSTREAM_CA = trustme.CA()
+SOURCE_ROOT = Path(__file__).resolve().parent.parent
 ALLOW_ALL = [{"name": "allow-all", "action": "allow"}]
 PRIVATE_OK = [{"name": "tests", "host": "*.test", "allow_private": True}]
 
@@ -399,16 +401,9 @@ async def test_intercepted_https_is_masked_recorded_and_evented(tmp_path: Path) 
 
 
 async def test_a_secret_sent_out_over_https_is_refused(tmp_path: Path) -> None:
-    rules = [
-        {
-            "name": "no-exfiltration",
-            "carries_secret": True,
-            "method": ["POST", "PUT", "PATCH"],
-            "action": "deny",
-            "reason": "the request carries a credential; Sluice does not let secrets leave",
-        },
-        *ALLOW_ALL,
-    ]
+    sample = tomllib.loads((SOURCE_ROOT / "sample_config.toml").read_text())
+    rules = [*(r for r in sample["rules"] if r["name"] == "no-exfiltration"), *ALLOW_ALL]
+    assert len(rules) == 2
     seen: list[Seen] = []
     path = write_forward_config(
         tmp_path, rules=rules, egress=PRIVATE_OK, ca_bundle=bundle(tmp_path)
@@ -770,3 +765,57 @@ async def test_a_passthrough_tunnel_delivers_every_byte_before_closing(tmp_path:
             assert len(received) == len(payload) and bytes(received) == payload
     finally:
         server.close()
+
+
+class RebindingResolver:
+    """Answers 127.0.0.1 the first time and an address nothing listens on afterwards: a
+    second lookup (between check and connect) would fail the request."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def __call__(self, host: str, port: int) -> list[str]:
+        self.calls += 1
+        return ["127.0.0.1"] if self.calls == 1 else ["127.0.0.9"]
+
+
+@pytest.mark.parametrize("kind", ["http", "intercept", "passthrough"])
+async def test_the_checked_address_is_the_one_connected_to(tmp_path: Path, kind: str) -> None:
+    tls = "passthrough" if kind == "passthrough" else "intercept"
+    egress = [{"name": "lab", "host": "rebind.test", "tls": tls, "allow_private": True}]
+    path = write_forward_config(
+        tmp_path, rules=ALLOW_ALL, egress=egress, ca_bundle=bundle(tmp_path)
+    )
+    resolver = RebindingResolver()
+    connector = RecordingConnector()
+    seen: list[Seen] = []
+    context = server_context(UPSTREAM_CA, "rebind.test")
+    async with (
+        serve(recording_app(seen), None if kind == "http" else context) as up,
+        forward_proxy(path, resolver=resolver, connector=connector) as runtime,
+    ):
+        auth = f"Bearer {token(runtime)}"
+        scheme = "http" if kind == "http" else "https"
+        url = f"{scheme}://rebind.test:{up.port}/pinned"
+        if kind == "passthrough":
+            client_ctx = ssl.create_default_context(cafile=None)
+            UPSTREAM_CA.configure_trust(client_ctx)
+            async with (
+                proxy_client() as client,
+                client.get(
+                    url,
+                    proxy=runtime.main_url,
+                    proxy_headers={"Proxy-Authorization": auth},
+                    ssl=client_ctx,
+                ) as reply,
+            ):
+                status = reply.status
+        else:
+            status, _, _ = await via_proxy(runtime, "GET", url, auth=auth)
+        assert status == 200
+        # the name was looked up once; TLS and Host still used the name
+        assert resolver.calls == 1
+        if kind != "passthrough":
+            assert seen[0].headers["Host"] == f"rebind.test:{up.port}"
+    if kind == "passthrough":
+        assert connector.attempts == [("127.0.0.1", up.port)]
