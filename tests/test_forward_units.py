@@ -11,6 +11,7 @@ import pytest
 
 from console.render import row_cells
 from console.replay_whatif import facts_of
+from proxy.approvals import Held
 from proxy.config import ConfigError, load_config_text
 from proxy.egress import (
     Authority,
@@ -23,6 +24,7 @@ from proxy.egress import (
     parse_authority,
 )
 from proxy.flows import flow_facts
+from proxy.learned import rule_for
 from proxy.matcher import Facts, MatcherError, compile_matcher, parse_filter
 from proxy.policy import Policy
 from proxy.server.forward import PinnedResolver
@@ -328,3 +330,55 @@ def test_replay_what_if_sees_forward_destinations() -> None:
     assert (facts.host, facts.port, facts.path, facts.query) == ("repo.test", 8443, "/a b", "q=1")
     facts = facts_of({"method": "CONNECT", "target": "lab", "url": "repo.test:443"}, "s", ())
     assert (facts.host, facts.port, facts.path) == ("repo.test", 443, "/")
+
+
+# --------------------------------------------------------------------------- learned rules
+
+
+def _held(method: str, path: str, host: str | None, port: int | None) -> Held:
+    return Held(
+        id="ap-x-1",
+        request_id="r",
+        session="s",
+        subject="agent",
+        method=method,
+        target="egress",
+        path=path,
+        query="",
+        rule="ask",
+        reason="why",
+        preview="",
+        body_sha256="",
+        fingerprint="f",
+        created=0.0,
+        deadline=1.0,
+        host=host,
+        port=port,
+    )
+
+
+@pytest.mark.asyncio  # a Held carries a future
+async def test_an_always_approval_of_a_forward_request_stays_bound_to_its_destination() -> None:
+    rule = rule_for(_held("POST", "/deploy", "api.example.com", 443), "allow", "bob")
+    assert (rule["host"], rule["port"], rule["path"]) == ("api.example.com", 443, "/deploy")
+    policy = Policy.from_tables([rule])
+    same = Facts(method="POST", target="egress", path="/deploy", host="api.example.com", port=443)
+    assert policy.evaluate(same).allowed  # type: ignore[union-attr]
+    other = Facts(method="POST", target="egress", path="/deploy", host="evil.example", port=443)
+    assert not policy.evaluate(other).allowed  # type: ignore[union-attr]
+    # an approval never opens private addresses, even though it names the host exactly
+    assert not policy.names_host(rule["name"], "api.example.com")
+
+
+@pytest.mark.asyncio  # a Held carries a future
+async def test_an_always_approval_of_a_connect_matches_the_connect() -> None:
+    rule = rule_for(_held("CONNECT", "repo.test:443", "repo.test", 443), "allow", "bob")
+    assert "path" not in rule and "query" not in rule
+    facts = Facts(method="CONNECT", target="egress", path="/", host="repo.test", port=443)
+    assert Policy.from_tables([rule]).evaluate(facts).allowed  # type: ignore[union-attr]
+
+
+@pytest.mark.asyncio  # a Held carries a future
+async def test_target_approvals_summaries_are_unchanged() -> None:
+    held = _held("POST", "/deploy", None, None)
+    assert "host" not in held.summary() and "host" not in rule_for(held, "allow", "bob")

@@ -114,6 +114,8 @@ async def hold_connect(
             fingerprint=fp,
             deadline=time.time() + settings.timeout,
             session_expires=identity.expires_at,
+            host=authority.host,
+            port=authority.port,
         )
     except (DeskClosed, QueueFull) as exc:
         raise ConnectRefused(

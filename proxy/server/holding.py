@@ -139,6 +139,8 @@ class Holding:
                 fingerprint=fp,
                 deadline=now + settings.timeout,
                 session_expires=identity.expires_at,
+                host=facts.host if facts.port is not None else None,
+                port=facts.port,
             )
         except DeskClosed:
             raise HoldRefused(
