@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from console.approvals_ui import always_rule_text, approval_line
 from console.render import row_cells
 from console.replay_whatif import facts_of
 from proxy.approvals import Held
@@ -382,3 +383,22 @@ async def test_an_always_approval_of_a_connect_matches_the_connect() -> None:
 async def test_target_approvals_summaries_are_unchanged() -> None:
     held = _held("POST", "/deploy", None, None)
     assert "host" not in held.summary() and "host" not in rule_for(held, "allow", "bob")
+
+
+def test_console_approval_lines_show_a_forward_destination() -> None:
+    summary = {
+        "method": "POST",
+        "target": "lab",
+        "path": "/deploy",
+        "host": "repo.test",
+        "port": 443,
+        "subject": "agent",
+        "rule": "ask",
+        "deadline": None,
+    }
+    assert "repo.test:443/deploy" in approval_line(summary, 0.0).plain
+    assert "host=repo.test port=443 path=/deploy" in always_rule_text(summary).plain
+    connect = {**summary, "method": "CONNECT", "path": "repo.test:443"}
+    assert "path=" not in always_rule_text(connect).plain
+    target = {k: v for k, v in summary.items() if k not in ("host", "port")}
+    assert "lab /deploy" in approval_line(target, 0.0).plain
