@@ -289,6 +289,11 @@ class ProxyRuntime:
                 "reason": self.recorder.failure if self.recorder else None,
                 "file": str(self.recorder.current_file) if self.recorder else None,
             },
+            "forward": {
+                "enabled": self.holder.current.forward.enabled,
+                "tunnels": len(self.forward.tunnels) if self.forward else 0,
+                "connects_in_progress": len(self.connects.tasks) if self.connects else 0,
+            },
             "subscribers": self.bus.subscriber_count,
             "dropped_subscribers": self.bus.dropped_subscribers,
         }
