@@ -37,7 +37,7 @@ from forward_support import (
     token,
     write_forward_config,
 )
-from helpers import admin_token
+from helpers import admin_token, parse_raw_response, raw_exchange
 
 from proxy.events import Event
 from proxy.masking.fakes import fake
@@ -819,3 +819,32 @@ async def test_the_checked_address_is_the_one_connected_to(tmp_path: Path, kind:
             assert seen[0].headers["Host"] == f"rebind.test:{up.port}"
     if kind == "passthrough":
         assert connector.attempts == [("127.0.0.1", up.port)]
+
+
+async def test_bad_slow_or_huge_connect_heads_are_refused(tmp_path: Path) -> None:
+    path = write_forward_config(
+        tmp_path,
+        rules=ALLOW_ALL,
+        egress=PRIVATE_OK,
+        extra={"limits": {"header_timeout": "0.5s", "max_header_size": "1KiB"}},
+    )
+    connector = RecordingConnector()
+    async with forward_proxy(path, connector=connector) as runtime:
+        url = runtime.main_url
+        answers = {
+            "slow": await raw_exchange(url, b"CONNECT repo.test:443 HTTP/1.1\r\n", seconds=3),
+            "huge": await raw_exchange(
+                url, b"CONNECT repo.test:443 HTTP/1.1\r\nX: " + b"a" * 5000, seconds=3
+            ),
+            "target": await raw_exchange(
+                url, b"CONNECT user@repo.test:443 HTTP/1.1\r\n\r\n", seconds=3
+            ),
+            "split": await raw_exchange(
+                url, [b"CONN", b"ECT repo.test HTTP/1.1\r\n\r\n"], delay=0.1, seconds=3
+            ),
+        }
+    statuses = {name: parse_raw_response(data)[0] for name, data in answers.items()}
+    assert statuses == {"slow": 408, "huge": 431, "target": 400, "split": 400}
+    for data in answers.values():
+        assert parse_raw_response(data)[1]["content-type"] == "application/json"
+    assert connector.attempts == []
