@@ -141,6 +141,7 @@ async def forward_proxy(
     *,
     resolver: Any = None,
     connector: Any = None,
+    ca_factory: Any = None,
 ) -> AsyncIterator[ProxyRuntime]:
     runtime = ProxyRuntime(
         load_config(path),
@@ -148,6 +149,7 @@ async def forward_proxy(
         watch=False,
         resolver=resolver or static_resolver(LOOPBACK_NAMES),
         connector=connector or RecordingConnector(),
+        ca_factory=ca_factory,
     )
     try:
         await asyncio.wait_for(runtime.start(), 10)

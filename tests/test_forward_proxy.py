@@ -848,3 +848,22 @@ async def test_bad_slow_or_huge_connect_heads_are_refused(tmp_path: Path) -> Non
     for data in answers.values():
         assert parse_raw_response(data)[1]["content-type"] == "application/json"
     assert connector.attempts == []
+
+
+async def test_a_broken_local_ca_refuses_interception_clearly(tmp_path: Path) -> None:
+    def broken(state_dir: Path) -> Any:
+        raise OSError("the CA key cannot be read")
+
+    path = write_forward_config(tmp_path, rules=ALLOW_ALL, egress=PRIVATE_OK)
+    connector = RecordingConnector()
+    seen: list[Seen] = []
+    async with (
+        serve(recording_app(seen), server_context(UPSTREAM_CA)) as up,
+        forward_proxy(path, connector=connector, ca_factory=broken) as runtime,
+    ):
+        auth = {"Proxy-Authorization": f"Bearer {token(runtime)}"}
+        reply = await raw_connect(runtime, f"repo.test:{up.port}", auth)
+        assert reply.status == 502
+        assert json.loads(reply.body)["error"] == "ca_unavailable"
+        await close(reply)
+    assert seen == [] and connector.attempts == []
