@@ -38,6 +38,7 @@ from forward_support import (
     write_forward_config,
 )
 from helpers import admin_token, parse_raw_response, raw_exchange
+from yarl import URL
 
 from proxy.events import Event
 from proxy.masking.fakes import fake
@@ -867,3 +868,30 @@ async def test_a_broken_local_ca_refuses_interception_clearly(tmp_path: Path) ->
         assert json.loads(reply.body)["error"] == "ca_unavailable"
         await close(reply)
     assert seen == [] and connector.attempts == []
+
+
+async def test_encoded_slashes_pass_for_forward_requests_but_dot_segments_do_not(
+    tmp_path: Path,
+) -> None:
+    """npm scoped packages (`/@types%2fnode`) and GitLab project ids need `%2F` intact."""
+    rules = [{"name": "npm", "host": "repo.test", "path": "/@types/**", "action": "allow"}]
+    path = write_forward_config(tmp_path, rules=rules, egress=PRIVATE_OK, identity={"mode": "none"})
+    seen: list[Seen] = []
+
+    async def raw_path(request: web.Request) -> web.Response:
+        return web.json_response({"raw": request.raw_path})
+
+    async with serve(recording_app(seen, raw_path)) as up, forward_proxy(path) as runtime:
+        base = f"http://repo.test:{up.port}"
+        async with proxy_client() as client:
+            async with client.get(
+                URL(f"{base}/@types%2fnode", encoded=True), proxy=runtime.main_url
+            ) as reply:
+                assert reply.status == 200
+                assert (await reply.json())["raw"] == "/@types%2fnode"
+            for bad in ("/@types%2f..%2f..%2fetc", "/@types%5cx", "/@types/x%00"):
+                async with client.get(
+                    URL(base + bad, encoded=True), proxy=runtime.main_url
+                ) as reply:
+                    assert reply.status == 400, bad
+    assert len(seen) == 1

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from aiohttp import web
 
 _ENCODED_SEPARATOR = re.compile(r"%(2f|5c|00)", re.IGNORECASE)
+#: Forward requests keep ``%2F`` (npm scoped packages, GitLab project ids need it): policy
+#: sees it decoded, and dot segments are checked after decoding, so ``%2F..%2F`` is refused.
+_ENCODED_BACKSLASH_OR_NUL = re.compile(r"%(5c|00)", re.IGNORECASE)
 
 
 class BadRequest(Exception):
@@ -53,7 +56,8 @@ def check_request(
     raw_path, _, raw_query = (raw_target or request.raw_path).partition("?")
     if not raw_path.startswith("/"):
         raise BadRequest("request target must be an absolute path")
-    if _ENCODED_SEPARATOR.search(raw_path):
+    forward = raw_target is not None
+    if (_ENCODED_BACKSLASH_OR_NUL if forward else _ENCODED_SEPARATOR).search(raw_path):
         raise BadRequest("encoded '/', '\\' or NUL in the path")
     path = request.rel_url.path
     segments = path.split("/")
