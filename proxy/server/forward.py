@@ -11,7 +11,6 @@ the name.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import logging
 import socket
@@ -31,7 +30,6 @@ from proxy.egress import (
     Authority,
     EgressEntry,
     PinTable,
-    TlsMode,
     check_addresses,
     is_ip_literal,
 )
@@ -271,12 +269,3 @@ class ForwardService:
             except (OSError, TimeoutError) as exc:
                 last = exc
         raise ConnectionError(type(last).__name__ if last else "no address")
-
-    def tls_mode(self, config: Config, entry: EgressEntry | None) -> TlsMode:
-        return config.egress.tls_mode(entry)
-
-
-def close_quietly(transport: asyncio.BaseTransport | None) -> None:
-    if transport is not None:
-        with contextlib.suppress(Exception):
-            transport.close()
