@@ -895,3 +895,42 @@ async def test_encoded_slashes_pass_for_forward_requests_but_dot_segments_do_not
                 ) as reply:
                     assert reply.status == 400, bad
     assert len(seen) == 1
+
+
+async def test_many_tunnels_at_once_and_nothing_left_open_after(tmp_path: Path) -> None:
+    path = write_forward_config(
+        tmp_path, rules=ALLOW_ALL, egress=PRIVATE_OK, ca_bundle=bundle(tmp_path)
+    )
+    seen: list[Seen] = []
+    async with (
+        serve(recording_app(seen), server_context(UPSTREAM_CA)) as up,
+        forward_proxy(path) as runtime,
+    ):
+        auth = f"Bearer {token(runtime)}"
+        context = ssl.create_default_context(cafile=str(sluice_ca(runtime).cert_path))
+
+        async def agent(n: int) -> list[int]:
+            statuses = []
+            async with proxy_client() as client:
+                for i in range(5):
+                    async with client.get(
+                        f"https://repo.test:{up.port}/a{n}/{i}",
+                        proxy=runtime.main_url,
+                        proxy_headers={"Proxy-Authorization": auth},
+                        ssl=context,
+                    ) as reply:
+                        await reply.read()
+                        statuses.append(reply.status)
+            return statuses
+
+        results = await asyncio.gather(*(agent(n) for n in range(30)))
+        assert all(status == 200 for statuses in results for status in statuses)
+        assert len(seen) == 150
+        assert runtime.forward is not None and runtime.connects is not None
+        for _ in range(100):
+            if not runtime.forward.tunnels and not runtime.connects.tasks:
+                break
+            await asyncio.sleep(0.05)
+        assert not runtime.forward.tunnels and not runtime.connects.tasks
+        main = runtime.listeners[0].runner.server
+        assert main is not None and main.open_connections == 0  # type: ignore[attr-defined]
