@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(BIN)/python tests/benchmarks/bench_recording_proxy.py
 	$(BIN)/python tests/benchmarks/bench_console.py
 	$(BIN)/python tests/benchmarks/bench_replay.py
+	$(BIN)/python tests/benchmarks/bench_forward.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check proxy console tests

@@ -46,12 +46,28 @@ def always_rule_text(summary: dict[str, Any]) -> Text:
     text.append(plain(summary.get("method", "")), "bold")
     text.append(" target=", DIM)
     text.append(plain(summary.get("target", "")))
+    if summary.get("port") is not None:  # forward requests are bound to their destination
+        text.append(" host=", DIM)
+        text.append(plain(summary.get("host", "")))
+        text.append(" port=", DIM)
+        text.append(plain(str(summary.get("port"))))
+        if summary.get("method") == "CONNECT":
+            return text
     text.append(" path=", DIM)
     text.append(plain(summary.get("path", "")))
     query = summary.get("query") or ""
     text.append(" query=", DIM)
     text.append(plain(query) if query else "(none)")
     return text
+
+
+def destination(summary: dict[str, Any]) -> str:
+    """``host:port`` before the path of a forward request ("" for target requests)."""
+    port = summary.get("port")
+    if port is None or summary.get("method") == "CONNECT":
+        return ""
+    host = str(summary.get("host") or "")
+    return f"{f'[{host}]' if ':' in host else host}:{port}"
 
 
 def _field(label: str, value: object, style: Style | str = "") -> Text:
@@ -108,7 +124,8 @@ class ApprovalPrompt(ModalScreen[Verdict | None]):
 
     def compose(self) -> ComposeResult:
         s = self.summary
-        target = f"{s.get('path', '')}" + (f"?{s.get('query')}" if s.get("query") else "")
+        target = destination(s) + f"{s.get('path', '')}"
+        target += f"?{s.get('query')}" if s.get("query") else ""
         with Vertical(id="prompt-box"):
             yield Static(self._title(), id="prompt-title")
             request = _field("request", s.get("method", ""), "bold")
@@ -207,7 +224,7 @@ def approval_line(summary: dict[str, Any], now: float) -> Text:
     text.append(" ")
     text.append(plain(summary.get("target", "")), "blue")
     text.append(" ")
-    text.append(plain(summary.get("path", "")))
+    text.append(plain(destination(summary) + str(summary.get("path", ""))))
     text.append("  ")
     text.append(plain(summary.get("subject", "")), "cyan")
     text.append("  ")

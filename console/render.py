@@ -173,6 +173,10 @@ def row_cells(flow: Any, clock: Callable[[float], str]) -> dict[str, tuple[str, 
     query = flow.get("query")
     if query:
         path = f"{path}?{query}"
+    port = flow.get("port")
+    if port is not None:  # a forward request: the destination is part of what it asked for
+        host = str(flow.get("host") or "")
+        path = f"{f'[{host}]' if ':' in host else host}:{port}{path}"
     started = flow.get("started")
     return {
         "time": (clock(started) if isinstance(started, int | float) else "", "time"),

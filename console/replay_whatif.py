@@ -104,14 +104,30 @@ def facts_of(request: dict[str, Any], subject: str | None, groups: tuple[str, ..
     from urllib.parse import unquote
 
     headers = [list(pair) for pair in request.get("headers") or []]
-    raw_path, _, query = str(request.get("url") or "/").partition("?")
+    url = str(request.get("url") or "/")
     merged = headers_for_facts((str(n), str(v)) for n, v in headers)
+    host, port = merged.get("host", ""), None
+    method = str(request.get("method") or "")
+    if method == "CONNECT" or url.startswith(("http://", "https://")):
+        # A forward request: its URL names the destination the proxy matched on.
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(url if method != "CONNECT" else f"//{url}")
+        host = parts.hostname or ""
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        url = (
+            "/"
+            if method == "CONNECT"
+            else (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        )
+    raw_path, _, query = url.partition("?")
     return Facts(
-        method=str(request.get("method") or ""),
+        method=method,
         target=request.get("target"),
         path=unquote(raw_path),
         query=query,
-        host=merged.get("host", ""),
+        host=host,
+        port=port,
         headers=merged,
         subject=subject,
         groups=groups,

@@ -66,6 +66,10 @@ class Held:
     scope: Scope | None = None
     decided_at: float | None = None
     learned_rule: str | None = None
+    #: The destination of a forward request (None for target requests): a learned rule
+    #: must stay bound to it, since forward requests share target names across hosts.
+    host: str | None = None
+    port: int | None = None
     future: asyncio.Future[State] = field(default_factory=asyncio.Future, repr=False)
 
     def summary(self) -> dict[str, Any]:
@@ -90,7 +94,7 @@ class Held:
             "scope": self.scope.value if self.scope else None,
             "decided_at": self.decided_at,
             "learned_rule": self.learned_rule,
-        }
+        } | ({"host": self.host, "port": self.port} if self.port is not None else {})
 
 
 class ApprovalError(Exception):

@@ -7,7 +7,7 @@ import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from proxy.config import Config, ConfigError, default_config_path, load_config, parse_host_port
@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
         help='lifetime such as "8h" (default: identity.token_ttl)',
     )
 
+    _tls_parsers(commands, config_option)
+
     mask = commands.add_parser(
         "mask",
         help="mask secrets in a file or stdin",
@@ -167,6 +169,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _tls_parsers(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    config_option: Callable[[argparse.ArgumentParser], None],
+) -> None:
+    ca = commands.add_parser(
+        "ca",
+        help="the local CA used to intercept agents' TLS",
+        description="Sluice's local CA (<state_dir>/ca/), created on first use.",
+    )
+    ca_commands = ca.add_subparsers(dest="ca_command", metavar="ACTION", required=True)
+    export = ca_commands.add_parser(
+        "export",
+        help="print the CA certificate (PEM)",
+        description="Print the CA certificate for clients to trust, creating the CA if needed.",
+    )
+    config_option(export)
+    export.add_argument("--path", action="store_true", help="print the file's path instead")
+    env = commands.add_parser(
+        "env",
+        help="print shell exports that send an agent's traffic through Sluice",
+        description='Print HTTP(S)_PROXY, NO_PROXY and CA variables for eval "$(sluice env)". '
+        'With [identity] mode = "local" the proxy URL carries a fresh token for --sub.',
+    )
+    config_option(env)
+    env.add_argument("--sub", default="agent", metavar="NAME", help='token subject ("agent")')
+    env.add_argument("--groups", default="", metavar="A,B", help="comma-separated groups")
+    env.add_argument(
+        "--ttl",
+        type=_duration,
+        metavar="DURATION",
+        help='token lifetime such as "8h" (default: identity.token_ttl)',
+    )
+
+
 def _load(path: Path | None, state_dir: Path | None = None) -> Config:
     return load_config(path or default_config_path(), state_dir=state_dir)
 
@@ -212,6 +248,18 @@ def _dispatch(config: Config, args: argparse.Namespace) -> int:
         return _mask(config, args)
     if args.command == "token":
         return _issue_token(config, args)
+    if args.command == "ca":
+        from proxy.tls.commands import run_ca_export
+
+        return run_ca_export(config, args.path)
+    if args.command == "env":
+        from proxy.tls.commands import run_env
+
+        if not args.sub.strip():
+            print("sluice env: --sub must not be empty", file=sys.stderr)
+            return EXIT_USAGE
+        groups = [group.strip() for group in args.groups.split(",") if group.strip()]
+        return run_env(config, args.sub.strip(), groups, args.ttl)
     if args.command == "demo":
         from proxy.demo.runner import run_demo
 

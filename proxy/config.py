@@ -9,7 +9,7 @@ import hashlib
 import re
 import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,9 @@ from proxy.config_models import (
     ConfigModel,
     CredentialModel,
     Duration,
+    EgressModel,
     EventsSection,
+    ForwardSection,
     IdentitySection,
     JwtCredentialModel,
     LimitsSection,
@@ -41,6 +43,7 @@ from proxy.config_models import (
     is_loopback_host,
     parse_host_port,
 )
+from proxy.egress import DEFAULT_EGRESS_NAME, EgressTable, compile_entry
 from proxy.policy import Policy, PolicyError
 from proxy.tomlpos import KeyLines, Loc
 
@@ -56,7 +59,9 @@ __all__ = [
     "ConfigModel",
     "CredentialModel",
     "Duration",
+    "EgressModel",
     "EventsSection",
+    "ForwardSection",
     "IdentitySection",
     "JwtCredentialModel",
     "LimitsSection",
@@ -117,6 +122,17 @@ class Config:
     #: The state dir in force: ``proxy.state_dir`` (relative to the file) or the override.
     state_dir: Path
     state_override: Path | None = None
+    forward: ForwardSection = field(default_factory=ForwardSection)
+    egress: EgressTable = field(default_factory=lambda: EgressTable(()))
+    #: The ``[[egress]]`` entries as written (masking overrides, names).
+    egress_entries: Mapping[str, EgressModel] | None = None
+
+    @property
+    def ca_bundle_path(self) -> Path | None:
+        if not self.forward.ca_bundle:
+            return None
+        bundle = Path(self.forward.ca_bundle).expanduser()
+        return bundle if bundle.is_absolute() else self.path.parent / bundle
 
     @property
     def learned_rules_path(self) -> Path:
@@ -150,13 +166,24 @@ def _semantic_issues(model: ConfigModel, file: str, lines: KeyLines) -> list[Con
     def add(loc: Loc, message: str) -> None:
         issues.append(ConfigIssue(file, lines.line_of(loc), _where(loc), message))
 
-    for kind, items in (("targets", model.targets), ("rules", model.rules)):
+    for kind, items in (
+        ("targets", model.targets),
+        ("rules", model.rules),
+        ("egress", model.egress),
+    ):
         seen: set[str] = set()
         for index, item in enumerate(items):
             if item.name in seen:
                 add((kind, index, "name"), f"duplicate name {item.name!r}")
             seen.add(item.name)
     names = {target.name for target in model.targets}
+    for index, entry in enumerate(model.egress):
+        if entry.name in names or entry.name == DEFAULT_EGRESS_NAME:
+            add(("egress", index, "name"), f"name {entry.name!r} is taken (targets, 'egress')")
+    for index, target in enumerate(model.targets):
+        if target.name == DEFAULT_EGRESS_NAME:
+            add(("targets", index, "name"), "'egress' names forward-proxy requests")
+    names |= {entry.name for entry in model.egress} | {DEFAULT_EGRESS_NAME}
     for index, rule in enumerate(model.rules):
         wanted = (rule.model_extra or {}).get("target")
         for name in [wanted] if isinstance(wanted, str) else wanted or []:
@@ -306,7 +333,15 @@ def load_config_text(text: str, path: Path, *, state_dir: Path | None = None) ->
         else:
             loc = ("rules", exc.index - len(learned), *exc.field.split("."))
             issues.append(ConfigIssue(file, lines.line_of(loc), _where(loc), exc.message))
-    if issues or policy is None:
+    egress = None
+    try:
+        egress = EgressTable(
+            [compile_entry(e.name, e.hosts, e.ports, e.tls, e.allow_private) for e in model.egress],
+            model.forward.default_tls,
+        )
+    except ValueError as exc:  # a bad host glob
+        issues.append(ConfigIssue(file, lines.line_of(("egress",)), "egress", str(exc)))
+    if issues or policy is None or egress is None:
         raise ConfigError(issues)
     return Config(
         path=path,
@@ -323,6 +358,9 @@ def load_config_text(text: str, path: Path, *, state_dir: Path | None = None) ->
         policy=policy,
         state_dir=resolved_state,
         state_override=state_dir,
+        forward=model.forward,
+        egress=egress,
+        egress_entries={entry.name: entry for entry in model.egress},
     )
 
 

@@ -235,6 +235,42 @@ class TargetModel(_Section):
     masking: TargetMasking = TargetMasking()
 
 
+class ForwardSection(_Section):
+    """The forward proxy on the main listener: ``CONNECT host:port`` and ``GET http://...``."""
+
+    enabled: bool = True
+    #: Upstream certificates are checked against this PEM bundle (relative to the config
+    #: file); unset means the system store (``SSL_CERT_FILE``/``SSL_CERT_DIR`` honoured).
+    ca_bundle: str | None = None
+    #: TLS handling for destinations no ``[[egress]]`` entry names.
+    default_tls: Literal["intercept", "passthrough"] = "intercept"
+
+
+def _check_ports(value: object) -> list[int]:
+    if not isinstance(value, list) or not value:
+        raise ValueError("expected a non-empty list of ports")
+    for port in value:
+        if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+            raise ValueError(f"expected ports between 1 and 65535, got {port!r}")
+    return list(value)
+
+
+class EgressModel(_Section):
+    """Per destination pattern: how TLS is handled and whether private addresses are fine."""
+
+    name: str = Field(pattern=_NAME)
+    host: str | list[str]
+    ports: Annotated[list[int], BeforeValidator(_check_ports)] | None = None
+    tls: Literal["intercept", "passthrough"] = "intercept"
+    #: Reach loopback/private/link-local addresses for these hosts (tests, internal services).
+    allow_private: bool = False
+    masking: TargetMasking = TargetMasking()
+
+    @property
+    def hosts(self) -> list[str]:
+        return [self.host] if isinstance(self.host, str) else list(self.host)
+
+
 class RuleModel(BaseModel):
     """Only the meta keys are typed here; matcher fields are checked by the matcher itself."""
 
@@ -282,6 +318,8 @@ class ConfigModel(_Section):
     identity: IdentitySection = IdentitySection()
     events: EventsSection = EventsSection()
     targets: list[TargetModel] = Field(default_factory=list)
+    forward: ForwardSection = ForwardSection()
+    egress: list[EgressModel] = Field(default_factory=list)
     rules: list[RuleModel] = Field(default_factory=list)
     credentials: dict[str, CredentialModel] = Field(default_factory=dict)
     approvals: ApprovalsSection = ApprovalsSection()

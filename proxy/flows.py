@@ -57,6 +57,7 @@ def flow_facts(flow: dict[str, Any]) -> Facts:
         path=str(flow.get("path", "/")),
         query=str(flow.get("query", "")),
         host=str(flow.get("host", "")),
+        port=flow.get("port") if isinstance(flow.get("port"), int) else None,
         subject=flow.get("subject"),
         status=flow.get("status"),
         decision=flow.get("decision"),

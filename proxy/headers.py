@@ -41,18 +41,21 @@ AGENT_CREDENTIALS = frozenset({"authorization"})
 
 
 _ALWAYS_DROPPED = HOP_BY_HOP | FRAMING | CLIENT_FORGEABLE | AGENT_CREDENTIALS
+_FORWARD_DROPPED = HOP_BY_HOP | FRAMING | CLIENT_FORGEABLE
 
 
 def request_headers_for_upstream(
-    pairs: Pairs, also_drop: Iterable[str] = ()
+    pairs: Pairs, also_drop: Iterable[str] = (), *, keep_authorization: bool = False
 ) -> list[tuple[str, str]]:
     """Drop hop-by-hop, framing, forgeable forwarding and the agent's auth headers.
 
     ``also_drop`` names headers Sluice will set itself (an injected credential), so an
-    agent can never supply or override them.
+    agent can never supply or override them. Forward-proxy requests keep
+    ``Authorization``: there it is the agent's credential for the destination, while its
+    credential for Sluice travels in ``Proxy-Authorization`` (hop-by-hop, always dropped).
     """
     pairs = list(pairs)
-    drop = _ALWAYS_DROPPED
+    drop = _FORWARD_DROPPED if keep_authorization else _ALWAYS_DROPPED
     extra = connection_tokens(pairs) | {name.lower() for name in also_drop}
     if extra:
         drop = drop | extra

@@ -17,6 +17,7 @@ import tomli_w
 from wcmatch import fnmatch, glob
 
 from proxy.approvals import Held
+from proxy.policy import LEARNED_PREFIX
 
 HEADER = (
     '# Rules learned from approvals (scope "always"), written by Sluice.\n'
@@ -28,7 +29,7 @@ def rule_for(held: Held, verdict: str, approver: str) -> dict[str, Any]:
     """A rule matching exactly this kind of request: method, target, path and query."""
     said = f": {held.decision_reason}" if held.decision_reason else ""
     rule: dict[str, Any] = {
-        "name": f"learned-{held.id}",
+        "name": f"{LEARNED_PREFIX}{held.id}",
         "action": verdict,
         "reason": f"{'approved' if verdict == 'allow' else 'denied'} always by {approver}{said}",
         "target": held.target,
@@ -37,6 +38,12 @@ def rule_for(held: Held, verdict: str, approver: str) -> dict[str, Any]:
     }
     # No query means exactly none: approving /deploy must not approve /deploy?force=true.
     rule["query"] = fnmatch.escape(held.query) if held.query else ""
+    if held.port is not None and held.host is not None:
+        # A forward request: bound to its destination, not to every host of its target.
+        rule["host"] = fnmatch.escape(held.host)
+        rule["port"] = held.port
+        if held.method == "CONNECT":  # a tunnel has no path; it was shown as host:port
+            del rule["path"], rule["query"]
     return rule
 
 

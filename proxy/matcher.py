@@ -28,6 +28,7 @@ FIELDS = (
             "target",
             "path",
             "host",
+            "port",
             "query",
             "header",
             "subject",
@@ -49,7 +50,10 @@ class Facts:
     target: str | None = None
     path: str = "/"
     query: str = ""
+    #: The Host header for target requests; the destination host for forward requests.
     host: str = ""
+    #: The destination port of forward requests (None for target requests).
+    port: int | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
     subject: str | None = None
     groups: tuple[str, ...] = ()
@@ -93,6 +97,9 @@ class Matcher:
     #: can skip it without calling a predicate. The predicates still check them too.
     targets: frozenset[str] | None = None
     methods: frozenset[str] | None = None
+    #: Exact (glob-free) host names the rule lists: such a rule names a destination
+    #: explicitly, which is what lets a forward request reach a private address.
+    hosts: frozenset[str] | None = None
 
     @property
     def needs_body(self) -> bool:
@@ -235,6 +242,31 @@ def _status_predicate(value: object) -> Predicate:
     return lambda facts: facts.status is not None and any(test(facts.status) for test in tests)
 
 
+_PORT_SPAN = re.compile(r"^(\d{1,5})(?:-(\d{1,5}))?$")
+
+
+def _port_predicate(value: object) -> Predicate:
+    """``443``, ``[443, 8443]``, ``"8000-8999"`` (filters: ``port:443,8000-8999``)."""
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        raise MatcherError("port", "expected a port, a list of ports or a range")
+    spans: list[tuple[int, int]] = []
+    for item in items:
+        if isinstance(item, int) and not isinstance(item, bool):
+            low = high = item
+        elif isinstance(item, str) and (match := _PORT_SPAN.match(item.strip())):
+            low = int(match.group(1))
+            high = int(match.group(2) or low)
+        else:
+            raise MatcherError("port", f'expected 443, [443, 8443] or "8000-8999", got {item!r}')
+        if not 1 <= low <= high <= 65535:
+            raise MatcherError("port", f"port out of range: {item!r}")
+        spans.append((low, high))
+    return lambda facts: (
+        facts.port is not None and any(low <= facts.port <= high for low, high in spans)
+    )
+
+
 def _query_predicate(value: object) -> Predicate:
     if isinstance(value, Mapping):
         checks: list[tuple[str, re.Pattern[str]]] = []
@@ -297,6 +329,8 @@ def _field_predicate(name: str, value: object) -> Predicate:
     if name == "host":
         pattern = compile_name_globs(name, value, nocase=True)
         return lambda facts: pattern.fullmatch(_strip_port(facts.host)) is not None
+    if name == "port":
+        return _port_predicate(value)
     if name == "subject":
         pattern = compile_name_globs(name, value, nocase=False)
         return lambda facts: (
@@ -349,6 +383,7 @@ _FIELD_COST = {
     "groups": 1,
     "subject": 2,
     "host": 3,
+    "port": 3,
     "path": 4,
     "content_type": 5,
     "header": 6,
@@ -381,10 +416,13 @@ def compile_matcher(spec: Mapping[str, object], *, for_policy: bool = True) -> M
         targets=_exact_names(spec.get("target")),
         methods=_exact_names(spec.get("method"), upper=True),
         secret_wanted=secret_wanted,
+        hosts=_exact_names(spec.get("host"), lower=True),
     )
 
 
-def _exact_names(value: object, *, upper: bool = False) -> frozenset[str] | None:
+def _exact_names(
+    value: object, *, upper: bool = False, lower: bool = False
+) -> frozenset[str] | None:
     """The value as a set of plain names, or None when absent or using glob syntax."""
     if value is None:
         return None
@@ -393,6 +431,8 @@ def _exact_names(value: object, *, upper: bool = False) -> frozenset[str] | None
         not isinstance(name, str) or any(char in name for char in "*?[") for name in names
     ):
         return None
+    if lower:
+        return frozenset(name.lower().removesuffix(".") for name in names)
     return frozenset(name.upper() if upper else name for name in names)
 
 

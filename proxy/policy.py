@@ -18,6 +18,8 @@ log = logging.getLogger("sluice.policy")
 
 RULE_META_KEYS = frozenset({"name", "action", "reason"})
 DEFAULT_DENY_REASON = "no rule allows this request (default deny)"
+#: Rules written from "always" approvals (``proxy.learned``) are named with this prefix.
+LEARNED_PREFIX = "learned-"
 
 
 class Action(StrEnum):
@@ -131,6 +133,17 @@ class Policy:
                     Action.DENY, rule.name, f"policy error in rule {rule.name}", "policy_error"
                 )
         return Decision(Action.DENY, None, DEFAULT_DENY_REASON, "denied")
+
+    def names_host(self, rule_name: str | None, host: str) -> bool:
+        """Whether the rule lists this exact host (no glob): naming a destination
+        explicitly is what lets a forward request reach a private address."""
+        if rule_name is None or rule_name.startswith(LEARNED_PREFIX):
+            return False  # an approval of one request never opens private addresses
+        for rule in self.rules:
+            if rule.name == rule_name:
+                hosts = rule.matcher.hosts
+                return hosts is not None and host.lower().removesuffix(".") in hosts
+        return False
 
     def body_too_large(self, facts: Facts) -> Decision:
         """A body rule could apply but the body exceeds what we inspect: deny, never guess."""

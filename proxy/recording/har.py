@@ -73,9 +73,11 @@ def _size(record: dict[str, Any] | None, kept: int) -> int:
 
 def _absolute_url(request: dict[str, Any]) -> str:
     """HAR wants an absolute URL: the one the agent asked, else one rebuilt from Host."""
+    url = str(request.get("url") or "/")
+    if request.get("method") == "CONNECT":  # a tunnel's authority, host:port
+        return f"https://{url}/"
     if isinstance(request.get("agent_url"), str):
         return str(request["agent_url"])
-    url = str(request.get("url") or "/")
     if urlsplit(url).scheme:
         return url
     host = _header(request, "host") or "sluice.invalid"

@@ -26,6 +26,9 @@ from proxy.identity import Identity, IdentityError, KeysUnavailable
 from proxy.matcher import Facts, headers_for_facts
 from proxy.policy import NEEDS_BODY, Action, Decision
 from proxy.reload import ConfigHolder
+from proxy.server.forward import DestinationRefused, ForwardRequest, ForwardService
+from proxy.server.forward_http import forward_request
+from proxy.server.forward_outcomes import PROXY_AUTHENTICATE
 from proxy.server.guard import error_response
 from proxy.server.holding import Holding, HoldRefused
 from proxy.server.identity_http import IdentityGate
@@ -86,8 +89,10 @@ class Forwarder:
         holding: Holding | None = None,
         masking: MaskingService | None = None,
         tap: RecordingTap | None = None,
+        forward: ForwardService | None = None,
     ) -> None:
         self.tap = tap
+        self.forward = forward
         self.holding = holding
         self.masking = masking
         self.draining = False
@@ -102,6 +107,9 @@ class Forwarder:
         self.in_flight = 0
         self.idle = asyncio.Event()
         self.idle.set()
+
+    def next_request_id(self) -> str:
+        return f"{self._id_prefix}{next(self._ids):08x}"
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.in_flight += 1
@@ -143,8 +151,17 @@ class Forwarder:
             "client": request.remote,
             "bytes_in": request.content_length,
         }
+        fwd: ForwardRequest | None = None
         try:
-            where = check_request(request, fixed_target)
+            found = None
+            if self.forward is not None and fixed_target is None:
+                found = forward_request(request, config)
+            if found is not None:
+                fwd, origin = found
+                received.update(host=fwd.authority.host, port=fwd.authority.port, forward=fwd.mode)
+                where = check_request(request, fwd.target, origin)
+            else:
+                where = check_request(request, fixed_target)
         except BadRequest as exc:
             bus.publish("request.received", path=request.path, **received)
             raise Refusal(400, "bad_request", exc.reason) from None
@@ -154,10 +171,21 @@ class Forwarder:
             shown_path = self.masking.redact_text(config, shown_path)
             shown_query = self.masking.redact_text(config, shown_query)
         received.update(target=target_name, path=shown_path, query=shown_query)
-        identity = await self._authenticate(request, config, received)
+        if fwd is not None and fwd.tunnel is not None:
+            identity = fwd.tunnel.identity  # authenticated by its CONNECT
+            fwd.tunnel.requests += 1
+            if identity.expires_at is not None and identity.expires_at < time.time():
+                bus.publish("request.received", **received)
+                raise Refusal(401, "invalid_token", "the tunnel's token has expired; reconnect")
+        else:
+            identity = await self._authenticate(request, config, received, proxy=fwd is not None)
         CURRENT_SESSION.set(identity.session)
         bus.publish("request.received", **received, **identity.to_event())
-        target = config.targets.get(target_name) if target_name else None
+        if fwd is not None:
+            assert self.forward is not None
+            target: TargetModel | None = self.forward.target_model(config, fwd)
+        else:
+            target = config.targets.get(target_name) if target_name else None
         if target is None:
             reason = f"no target named {target_name!r}" if target_name else "no target in the path"
             raise Refusal(404, "unknown_target", reason)
@@ -166,7 +194,8 @@ class Forwarder:
             target=target_name,
             path=where.path,
             query=where.raw_query,
-            host=request.host,
+            host=fwd.authority.host if fwd is not None else request.host,
+            port=fwd.authority.port if fwd is not None else None,
             headers=headers_for_facts(request.headers.items())
             if config.policy.reads_headers
             else {},
@@ -192,7 +221,7 @@ class Forwarder:
             except HoldRefused as refused:
                 held_decision = Decision(Action.DENY, refused.rule, refused.reason, refused.error)
                 await self._record_request(
-                    request, identity, where, body, request_id, held_decision, refused.decision
+                    request, identity, where, body, request_id, held_decision, refused.decision, fwd
                 )
                 raise Refusal(
                     refused.status,
@@ -204,6 +233,8 @@ class Forwarder:
                     headers={"Retry-After": "30"} if refused.status == 429 else None,
                 ) from None
             label = "approved"
+        if fwd is not None and not fwd.addresses and decision.allowed:
+            fwd, decision, label = await self._check_destination(config, fwd, decision, label)
         bus.publish(
             "request.decided",
             request_id=request_id,
@@ -212,7 +243,7 @@ class Forwarder:
             reason=decision.reason,
             code=decision.code,
         )
-        await self._record_request(request, identity, where, body, request_id, decision, label)
+        await self._record_request(request, identity, where, body, request_id, decision, label, fwd)
         if not decision.allowed:
             response = self._deny(request_id, started, decision)
             self._record_answer(request_id, identity.session, response)
@@ -230,7 +261,8 @@ class Forwarder:
             started,
             label,
             capture,
-            sent,
+            sent=sent,
+            fwd=fwd,
         )
         if self.tap is not None:
             if sent is not None and sent.size:
@@ -253,19 +285,24 @@ class Forwarder:
         request_id: str,
         decision: Decision,
         label: str,
+        fwd: ForwardRequest | None = None,
     ) -> None:
         """Durable before anything is forwarded or answered; no recording, no request."""
         if self.tap is None:
             return
         request[_RECORDED] = identity.session  # its answer, whatever it is, is recorded too
+        url = where.raw_path + (f"?{where.raw_query}" if where.raw_query else "")
+        agent_url = f"{request.scheme}://{request.host}{request.raw_path}"
+        if fwd is not None:
+            url = agent_url = fwd.base_url() + url  # the destination, absolute
         try:
             await self.tap.request(
                 identity=identity,
                 request_id=request_id,
                 method=request.method,
                 target=where.name,
-                url=where.raw_path + (f"?{where.raw_query}" if where.raw_query else ""),
-                agent_url=f"{request.scheme}://{request.host}{request.raw_path}",
+                url=url,
+                agent_url=agent_url,
                 client=request.remote or "",
                 headers=request.headers.items(),
                 body=body,
@@ -302,13 +339,43 @@ class Forwarder:
                 error=error,
             )
 
-    async def _authenticate(
-        self, request: web.Request, config: Config, received: dict[str, object]
-    ) -> Identity:
+    async def _check_destination(
+        self, config: Config, fwd: ForwardRequest, decision: Decision, label: str
+    ) -> tuple[ForwardRequest, Decision, str]:
+        """Resolve and check a plain http:// destination; a refused address is a denial."""
+        assert self.forward is not None
+        entry = fwd.entry
+        allow_private = bool(entry and entry.allow_private) or config.policy.names_host(
+            decision.rule, fwd.authority.host
+        )
         try:
-            return await self.gate.authenticate(config, request.headers.get("Authorization"))
+            verdict = await self.forward.check_destination(config, fwd.authority, allow_private)
+        except DestinationRefused as refused:
+            if refused.status != 403:
+                raise Refusal(refused.status, refused.code, refused.reason) from None
+            return fwd, Decision(Action.DENY, None, refused.reason, refused.code), "denied"
+        return replace(fwd, addresses=verdict.addresses), decision, label
+
+    async def _authenticate(
+        self,
+        request: web.Request,
+        config: Config,
+        received: dict[str, object],
+        *,
+        proxy: bool = False,
+    ) -> Identity:
+        header = "Proxy-Authorization" if proxy else "Authorization"
+        try:
+            return await self.gate.authenticate(config, request.headers.get(header))
         except IdentityError as exc:
             self.bus.publish("request.received", **received)
+            if proxy:
+                raise Refusal(
+                    407,
+                    "proxy_auth_required",
+                    exc.reason,
+                    decision="unauthenticated",
+                ) from None
             raise Refusal(
                 401,
                 "invalid_token",
@@ -396,6 +463,9 @@ class Forwarder:
         )
         response.headers["X-Sluice-Request-Id"] = request_id
         response.headers.update(refusal.headers)
+        if refusal.status == 407:
+            for name, value in PROXY_AUTHENTICATE:
+                response.headers.add(name, value)
         recorded = request.get(_RECORDED)
         if recorded is not None and refusal.error != "recording_unavailable":
             # a person's (or a deadline's) denial is an answer, not a failure
@@ -453,17 +523,31 @@ class Forwarder:
         label: str = "allowed",
         capture: Any = None,
         sent: Any = None,
+        fwd: ForwardRequest | None = None,
     ) -> web.StreamResponse:
         limits = config.limits
         injected = await self._credential(config, target, identity)
         drop = {injected.header.lower()} if injected else set()
-        headers = request_headers_for_upstream(request.headers.items(), also_drop=drop)
-        headers += forwarded_headers(
-            client_ip=request.remote or "unknown",
-            host=request.host,
-            scheme=request.scheme,
-            request_id=request_id,
+        headers = request_headers_for_upstream(
+            request.headers.items(), also_drop=drop, keep_authorization=fwd is not None
         )
+        session = self.session
+        extra: dict[str, Any] = {}
+        if fwd is not None:
+            # The destination is not ours to tell about the agent's host; only which
+            # checked addresses it may be reached at (the pinned resolver's answer).
+            assert self.forward is not None and self.forward.session is not None
+            session = self.forward.session
+            self.forward.pins.pin(fwd.authority.host, fwd.addresses)
+            if fwd.scheme == "https":
+                extra["ssl"] = self.forward.ssl_context(config)
+        else:
+            headers += forwarded_headers(
+                client_ip=request.remote or "unknown",
+                host=request.host,
+                scheme=request.scheme,
+                request_id=request_id,
+            )
         if injected is not None:
             headers.append((injected.header, injected.value))
         if target.preserve_host:
@@ -485,13 +569,14 @@ class Forwarder:
         self.bus.publish("request.forwarded", request_id=request_id, upstream=target.name)
         upstream_started = time.perf_counter()
         try:
-            upstream = await self.session.request(
+            upstream = await session.request(
                 request.method,
                 upstream_url(target.upstream, where.raw_path, where.raw_query),
                 headers=headers,
                 data=data,
                 allow_redirects=False,
                 timeout=timeout,
+                **extra,
             )
         except Exception as exc:
             if agent_body is not None and agent_body.fault == "too_large":

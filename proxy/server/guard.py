@@ -67,6 +67,9 @@ class GuardedRequestHandler(RequestHandler):
         self._header_bytes = 0
         self._header_timer: asyncio.TimerHandle | None = None
         self._gone: asyncio.Future[None] | None = None
+        #: Set on connections inside an intercepted CONNECT (see forward_connect).
+        self.sluice_tunnel: Any = None
+        self.sluice_on_lost: Any = None
 
     def gone(self) -> asyncio.Future[None]:
         """Completes when the client hangs up: aiohttp does not cancel the handler then, so
@@ -92,6 +95,8 @@ class GuardedRequestHandler(RequestHandler):
             self._gone.set_result(None)
         self._cancel_header_timer()
         super().connection_lost(exc)
+        if self.sluice_on_lost is not None:
+            self.sluice_on_lost()
 
     def data_received(self, data: bytes) -> None:
         if not self._awaiting_headers:

@@ -105,7 +105,9 @@ class Holding:
                     408, "body_timeout", "request body was not received in time", decision="refused"
                 ) from None
         target = facts.target or ""
-        fp = fingerprint(facts.method, target, facts.path, facts.query, body)
+        # Forward requests share target names across hosts: the destination is bound too.
+        bound = target if facts.port is None else f"{target}@{facts.host}:{facts.port}"
+        fp = fingerprint(facts.method, bound, facts.path, facts.query, body)
         standing = self.desk.standing_verdict(fp, identity.session, decision.rule)
         if standing is not None:
             if standing.verdict == "allow":
@@ -137,6 +139,8 @@ class Holding:
                 fingerprint=fp,
                 deadline=now + settings.timeout,
                 session_expires=identity.expires_at,
+                host=facts.host if facts.port is not None else None,
+                port=facts.port,
             )
         except DeskClosed:
             raise HoldRefused(

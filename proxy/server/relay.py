@@ -94,6 +94,18 @@ class AgentBody:
 def classify_upstream_error(exc: BaseException) -> UpstreamFailure:
     if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
         return UpstreamFailure(504, "upstream_timeout", "the upstream did not answer in time")
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        detail = getattr(exc.certificate_error, "verify_message", None) or "not trusted"
+        return UpstreamFailure(
+            502,
+            "upstream_tls_failed",
+            f"the TLS certificate of {exc.host} could not be verified ({detail}); "
+            "Sluice never falls back to an unverified connection",
+        )
+    if isinstance(exc, aiohttp.ClientSSLError):
+        return UpstreamFailure(
+            502, "upstream_tls_failed", f"the TLS handshake with {exc.host} failed"
+        )
     if isinstance(exc, aiohttp.ClientConnectorError):
         return UpstreamFailure(502, "upstream_unreachable", "the upstream refused the connection")
     if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError):

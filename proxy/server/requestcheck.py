@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from aiohttp import web
 
 _ENCODED_SEPARATOR = re.compile(r"%(2f|5c|00)", re.IGNORECASE)
+#: Forward requests keep ``%2F`` (npm scoped packages, GitLab project ids need it): policy
+#: sees it decoded, and dot segments are checked after decoding, so ``%2F..%2F`` is refused.
+_ENCODED_BACKSLASH_OR_NUL = re.compile(r"%(5c|00)", re.IGNORECASE)
 
 
 class BadRequest(Exception):
@@ -36,8 +39,13 @@ class RequestTarget:
     raw_query: str
 
 
-def check_request(request: web.Request, fixed_target: str | None) -> RequestTarget:
-    """Split off the target and refuse ambiguous paths, or raise BadRequest."""
+def check_request(
+    request: web.Request, fixed_target: str | None, raw_target: str | None = None
+) -> RequestTarget:
+    """Split off the target and refuse ambiguous paths, or raise BadRequest.
+
+    ``raw_target`` replaces the request-target as sent (the path and query of an
+    absolute-form forward request)."""
     headers = request.headers
     if "Transfer-Encoding" in headers and "Content-Length" in headers:
         raise BadRequest("Content-Length and Transfer-Encoding together")
@@ -45,10 +53,11 @@ def check_request(request: web.Request, fixed_target: str | None) -> RequestTarg
         raise BadRequest("more than one Content-Length")
     if len(headers.getall("Host", ())) > 1:
         raise BadRequest("more than one Host")
-    raw_path, _, raw_query = request.raw_path.partition("?")
+    raw_path, _, raw_query = (raw_target or request.raw_path).partition("?")
     if not raw_path.startswith("/"):
         raise BadRequest("request target must be an absolute path")
-    if _ENCODED_SEPARATOR.search(raw_path):
+    forward = raw_target is not None
+    if (_ENCODED_BACKSLASH_OR_NUL if forward else _ENCODED_SEPARATOR).search(raw_path):
         raise BadRequest("encoded '/', '\\' or NUL in the path")
     path = request.rel_url.path
     segments = path.split("/")

@@ -7,6 +7,7 @@ import contextlib
 import gc
 import logging
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,9 @@ from proxy.recording.supervisor import RecorderSupervisor
 from proxy.reload import ConfigHolder, watch_config
 from proxy.server.admin import AdminApi
 from proxy.server.flow_detail import FlowDetails
+from proxy.server.forward import CertificateAuthority, Connector, ForwardService, Resolver
+from proxy.server.forward_connect import ConnectHandler
+from proxy.server.forward_front import ForwardFront
 from proxy.server.forwarder import TARGET_KEY, Forwarder
 from proxy.server.guard import GuardedAppRunner, assert_c_parser, install_log_redaction
 from proxy.server.holding import Holding
@@ -61,6 +65,8 @@ class Listener:
     name: str
     runner: GuardedAppRunner
     url: str = ""
+    #: The main listener's own asyncio server (CONNECT front door), if it has one.
+    front: asyncio.Server | None = None
 
 
 @dataclass
@@ -68,6 +74,10 @@ class ProxyRuntime:
     config: Config
     overrides: Overrides = field(default_factory=Overrides)
     watch: bool = True
+    #: Forward proxy seams for tests: name resolution, tunnel connects, the local CA.
+    resolver: Resolver | None = None
+    connector: Connector | None = None
+    ca_factory: Callable[[Path], CertificateAuthority] | None = None
 
     def __post_init__(self) -> None:
         override = self.overrides.state_dir
@@ -96,6 +106,9 @@ class ProxyRuntime:
         self.recorder_supervisor: RecorderSupervisor | None = None
         self.tap: RecordingTap | None = None
         self.forwarder: Forwarder | None = None
+        self.forward: ForwardService | None = None
+        self.connects: ConnectHandler | None = None
+        self._tunnel_runner: GuardedAppRunner | None = None
 
     @property
     def state_dir(self) -> Path:
@@ -133,8 +146,22 @@ class ProxyRuntime:
         self.masking = MaskingService(self.state_dir)
         self.masking.masker(config)  # compile the rules before the first request needs them
         self.holding = Holding(self.desk, self._fetch_session, self._preview_mask)
+        self.forward = ForwardService(
+            self.state_dir,
+            resolver=self.resolver,
+            connector=self.connector,
+            ca_factory=self.ca_factory,
+        )
+        await self.forward.start()
         self.forwarder = Forwarder(
-            self.holder, self.bus, self._session, self.gate, self.holding, self.masking, self.tap
+            self.holder,
+            self.bus,
+            self._session,
+            self.gate,
+            self.holding,
+            self.masking,
+            self.tap,
+            self.forward,
         )
         guard: dict[str, Any] = {
             "header_timeout": limits.header_timeout,
@@ -155,8 +182,23 @@ class ProxyRuntime:
             "shutdown_timeout": 0.1,
         }
         main = self._proxy_app(None, limits.max_body_size)
-        await self._listen(
-            "main", main, self.overrides.listen or config.proxy.listen, guard, handler_options
+        # Connections inside intercepted CONNECTs: the same app, no socket of its own.
+        self._tunnel_runner = GuardedAppRunner(
+            self._proxy_app(None, limits.max_body_size), guard=guard, **handler_options
+        )
+        await self._tunnel_runner.setup()
+        self.connects = ConnectHandler(
+            self.holder,
+            self.bus,
+            self.gate,
+            self.forward,
+            self.forwarder.next_request_id,
+            self._tunnel_runner.server,  # type: ignore[arg-type]
+            self.tap,
+            self.desk,
+        )
+        await self._listen_front(
+            main, self.overrides.listen or config.proxy.listen, guard, handler_options
         )
         for target in config.targets.values():
             if target.listen:
@@ -220,6 +262,28 @@ class ProxyRuntime:
         self.listeners.append(listener)
         listener.url = await _start_site(runner, address)
 
+    async def _listen_front(
+        self, app: web.Application, address: str, guard: dict[str, Any], options: dict[str, Any]
+    ) -> None:
+        """The main listener: CONNECT answered by ForwardFront, the rest by aiohttp."""
+        runner = GuardedAppRunner(app, guard=guard, **options)
+        await runner.setup()
+        plain = runner.server
+        assert plain is not None and self.connects is not None
+        connects = self.connects
+        sock = _bind(address)
+        server = await asyncio.get_running_loop().create_server(
+            lambda: ForwardFront(
+                connects,
+                plain,  # type: ignore[arg-type]
+                header_timeout=guard["header_timeout"],
+                max_header_bytes=guard["max_header_bytes"],
+            ),
+            sock=sock,
+            backlog=1024,
+        )
+        self.listeners.append(Listener("main", runner, _url_of(sock), front=server))
+
     def _status(self) -> dict[str, Any]:
         return {
             "listen": self.main_url,
@@ -229,6 +293,11 @@ class ProxyRuntime:
                 "state": self.recorder.state if self.recorder else "off",
                 "reason": self.recorder.failure if self.recorder else None,
                 "file": str(self.recorder.current_file) if self.recorder else None,
+            },
+            "forward": {
+                "enabled": self.holder.current.forward.enabled,
+                "tunnels": len(self.forward.tunnels) if self.forward else 0,
+                "connects_in_progress": len(self.connects.tasks) if self.connects else 0,
             },
             "subscribers": self.bus.subscriber_count,
             "dropped_subscribers": self.bus.dropped_subscribers,
@@ -297,6 +366,8 @@ class ProxyRuntime:
         if self.forwarder is not None:
             self.forwarder.draining = True  # new requests on kept-alive connections: 503
         for listener in self.listeners:
+            if listener.front is not None:
+                listener.front.close()
             for site in list(listener.runner.sites):
                 await site.stop()
         if self.forwarder is not None and self.forwarder.in_flight:
@@ -315,6 +386,14 @@ class ProxyRuntime:
         await self._drain()
         for listener in self.listeners:
             await listener.runner.cleanup()
+        if self._tunnel_runner is not None:
+            await self._tunnel_runner.cleanup()
+        if self.connects is not None:
+            for task in list(self.connects.tasks):
+                task.cancel()
+            await asyncio.gather(*self.connects.tasks, return_exceptions=True)
+        if self.forward is not None:
+            await self.forward.close()
         if self.admin is not None:
             self.admin.closing.set()
             await self._admin_runner.cleanup()
@@ -337,6 +416,13 @@ class ProxyRuntime:
 
 
 async def _start_site(runner: web.AppRunner, address: str) -> str:
+    sock = _bind(address)
+    site = web.SockSite(runner, sock, backlog=1024)
+    await site.start()
+    return _url_of(sock)
+
+
+def _bind(address: str) -> socket.socket:
     host, port = parse_host_port(address)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -348,8 +434,10 @@ async def _start_site(runner: web.AppRunner, address: str) -> str:
         raise OSError(exc.errno, f"cannot listen on {address}: {exc.strerror}") from None
     sock.listen(1024)
     sock.setblocking(False)
-    site = web.SockSite(runner, sock, backlog=1024)
-    await site.start()
+    return sock
+
+
+def _url_of(sock: socket.socket) -> str:
     bound_host, bound_port = sock.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     return f"http://{shown}:{bound_port}"
