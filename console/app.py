@@ -14,6 +14,7 @@ from typing import Any
 from textual import events
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
+from textual.css.query import NoMatches
 from textual.screen import Screen
 from textual.widgets import Footer, Input
 
@@ -192,10 +193,13 @@ class SluiceConsole(App[int]):
 
     def _tick(self) -> None:
         """Apply everything queued since the last tick, then refresh once."""
+        try:
+            header = self._main.query_one(StatusHeader).status
+        except NoMatches:  # a tick that fires while the app tears its widgets down
+            return
         batch, self._queue = self._queue, []
         held: list[dict[str, Any]] = []
         closed: list[dict[str, Any]] = []
-        header = self._main.query_one(StatusHeader).status
         for event in batch:
             kind = str(event.get("type", ""))
             if kind.startswith("request."):

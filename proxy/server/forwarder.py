@@ -26,14 +26,13 @@ from proxy.identity import Identity, IdentityError, KeysUnavailable
 from proxy.matcher import Facts, headers_for_facts
 from proxy.policy import NEEDS_BODY, Action, Decision
 from proxy.reload import ConfigHolder
+from proxy.server.answers import Answers, Refusal
 from proxy.server.forward import DestinationRefused, ForwardRequest, ForwardService
 from proxy.server.forward_http import forward_request
-from proxy.server.forward_outcomes import PROXY_AUTHENTICATE
-from proxy.server.guard import error_response
 from proxy.server.holding import Holding, HoldRefused
 from proxy.server.identity_http import IdentityGate
 from proxy.server.masked_relay import MaskingService
-from proxy.server.recording_tap import RecordingRefused, RecordingTap
+from proxy.server.recording_tap import RecordingTap
 from proxy.server.relay import AgentBody, Relay, classify_upstream_error, upstream_url
 from proxy.server.requestcheck import (
     BadRequest,
@@ -45,38 +44,12 @@ from proxy.server.requestcheck import (
 
 log = logging.getLogger("sluice.forwarder")
 TARGET_KEY = web.AppKey("sluice_fixed_target", str)
-_DECIDED = frozenset({"denied", "expired", "withdrawn"})
-_RECORDED = web.RequestKey("sluice_recorded_session", str)  # the request's record is written
 _LABELS = {Action.ALLOW: "allowed", Action.DENY: "denied", Action.APPROVE: "held"}
 
 
 @functools.lru_cache(maxsize=16)
 def _client_timeout(connect: float, read: float) -> aiohttp.ClientTimeout:
     return aiohttp.ClientTimeout(total=None, connect=connect, sock_read=read)
-
-
-def _ms(started: float) -> float:
-    return round((time.perf_counter() - started) * 1000, 3)
-
-
-class Refusal(Exception):
-    """Ends a request early with Sluice's own JSON answer."""
-
-    def __init__(
-        self,
-        status: int,
-        error: str,
-        reason: str,
-        *,
-        rule: str | None = None,
-        decision: str = "refused",
-        headers: dict[str, str] | None = None,
-        extra: dict[str, Any] | None = None,
-    ) -> None:
-        super().__init__(reason)
-        self.status, self.error, self.reason = status, error, reason
-        self.rule, self.decision, self.headers = rule, decision, headers or {}
-        self.extra = extra or {}
 
 
 class Forwarder:
@@ -92,6 +65,7 @@ class Forwarder:
         forward: ForwardService | None = None,
     ) -> None:
         self.tap = tap
+        self.answers = Answers(bus, tap)
         self.forward = forward
         self.holding = holding
         self.masking = masking
@@ -129,7 +103,7 @@ class Forwarder:
                 request, config, request.app.get(TARGET_KEY), request_id, started
             )
         except Refusal as refusal:
-            return self._refuse(request, request_id, started, refusal)
+            return self.answers.refuse(request, request_id, started, refusal)
         finally:
             self.in_flight -= 1
             if not self.in_flight:
@@ -220,7 +194,7 @@ class Forwarder:
                 )
             except HoldRefused as refused:
                 held_decision = Decision(Action.DENY, refused.rule, refused.reason, refused.error)
-                await self._record_request(
+                await self.answers.record_request(
                     request, identity, where, body, request_id, held_decision, refused.decision, fwd
                 )
                 raise Refusal(
@@ -243,10 +217,12 @@ class Forwarder:
             reason=decision.reason,
             code=decision.code,
         )
-        await self._record_request(request, identity, where, body, request_id, decision, label, fwd)
+        await self.answers.record_request(
+            request, identity, where, body, request_id, decision, label, fwd
+        )
         if not decision.allowed:
-            response = self._deny(request_id, started, decision)
-            self._record_answer(request_id, identity.session, response)
+            response = self.answers.deny(request_id, started, decision)
+            self.answers.record_answer(request_id, identity.session, response)
             return response
         capture = self.tap.capture() if self.tap is not None else None
         sent = self.tap.capture() if self.tap is not None and body is None else None
@@ -275,69 +251,6 @@ class Forwarder:
                 capture=capture,
             )
         return response
-
-    async def _record_request(
-        self,
-        request: web.Request,
-        identity: Identity,
-        where: RequestTarget,
-        body: bytes | None,
-        request_id: str,
-        decision: Decision,
-        label: str,
-        fwd: ForwardRequest | None = None,
-    ) -> None:
-        """Durable before anything is forwarded or answered; no recording, no request."""
-        if self.tap is None:
-            return
-        request[_RECORDED] = identity.session  # its answer, whatever it is, is recorded too
-        url = where.raw_path + (f"?{where.raw_query}" if where.raw_query else "")
-        agent_url = f"{request.scheme}://{request.host}{request.raw_path}"
-        if fwd is not None:
-            url = agent_url = fwd.base_url() + url  # the destination, absolute
-        try:
-            await self.tap.request(
-                identity=identity,
-                request_id=request_id,
-                method=request.method,
-                target=where.name,
-                url=url,
-                agent_url=agent_url,
-                client=request.remote or "",
-                headers=request.headers.items(),
-                body=body,
-                streamed=body is None and request.body_exists,
-                decision={
-                    "action": label,
-                    "rule": decision.rule,
-                    "reason": decision.reason,
-                    "code": decision.code,
-                },
-                secret_values=[],
-            )
-        except RecordingRefused as exc:
-            log.error("recording unavailable, refusing request: %s", exc.reason)
-            raise Refusal(
-                503,
-                "recording_unavailable",
-                "the session recorder cannot write; nothing is forwarded unrecorded",
-            ) from None
-
-    def _record_answer(
-        self, request_id: str, session: str, response: web.Response, error: str | None = None
-    ) -> None:
-        if self.tap is not None:
-            capture = self.tap.capture()
-            if capture is not None and response.body is not None:
-                capture.add(bytes(response.body))
-            self.tap.response(
-                request_id=request_id,
-                session=session,
-                status=response.status,
-                headers=response.headers.items(),
-                capture=capture,
-                error=error,
-            )
 
     async def _check_destination(
         self, config: Config, fwd: ForwardRequest, decision: Decision, label: str
@@ -425,73 +338,6 @@ class Forwarder:
                 "approval_unavailable",
             )
         return decision, body
-
-    def _deny(self, request_id: str, started: float, decision: Decision) -> web.Response:
-        response = error_response(
-            403,
-            "denied",
-            decision.reason,
-            rule=decision.rule,
-            request_id=request_id,
-            code=decision.code,
-        )
-        response.headers["X-Sluice-Request-Id"] = request_id
-        self.bus.publish(
-            "request.completed",
-            request_id=request_id,
-            status=403,
-            decision="denied",
-            rule=decision.rule,
-            bytes_out=len(response.body),
-            duration_ms=_ms(started),
-        )
-        return response
-
-    def _refuse(
-        self, request: web.Request, request_id: str, started: float, refusal: Refusal
-    ) -> web.Response:
-        """A refusal that is not a policy decision (bad input, identity, limits, credentials).
-
-        Once the request is in the recording, the refusal is recorded as its response (what
-        the agent received); before that, as an error record of its own.
-        """
-        extra = dict(refusal.extra)
-        if refusal.rule is not None:
-            extra.setdefault("rule", refusal.rule)
-        response = error_response(
-            refusal.status, refusal.error, refusal.reason, request_id=request_id, **extra
-        )
-        response.headers["X-Sluice-Request-Id"] = request_id
-        response.headers.update(refusal.headers)
-        if refusal.status == 407:
-            for name, value in PROXY_AUTHENTICATE:
-                response.headers.add(name, value)
-        recorded = request.get(_RECORDED)
-        if recorded is not None and refusal.error != "recording_unavailable":
-            # a person's (or a deadline's) denial is an answer, not a failure
-            failure = None if refusal.decision in _DECIDED else refusal.error
-            self._record_answer(request_id, recorded, response, error=failure)
-        elif self.tap is not None and refusal.error != "recording_unavailable":
-            self.tap.note(
-                "error",
-                request_id=request_id,
-                session=CURRENT_SESSION.get(),
-                status=refusal.status,
-                error=refusal.error,
-                reason=refusal.reason,
-            )
-        self.bus.publish(
-            "request.completed",
-            request_id=request_id,
-            status=refusal.status,
-            decision=refusal.decision,
-            rule=refusal.rule,
-            code=refusal.error,
-            reason=refusal.reason,
-            bytes_out=len(response.body),
-            duration_ms=_ms(started),
-        )
-        return response
 
     async def _credential(
         self, config: Config, target: TargetModel, identity: Identity

@@ -1,0 +1,190 @@
+"""How a request ends when it ends early, and how every ending reaches the recording.
+
+The request's record (with its decision) is durable before anything is forwarded or
+answered; once it is, whatever the agent receives is recorded as its response, a refusal
+included. A refusal before that point is recorded as an error of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from aiohttp import web
+
+from proxy.events import CURRENT_SESSION, EventBus
+from proxy.identity import Identity
+from proxy.policy import Decision
+from proxy.server.forward import ForwardRequest
+from proxy.server.forward_outcomes import PROXY_AUTHENTICATE
+from proxy.server.guard import error_response
+from proxy.server.recording_tap import RecordingRefused, RecordingTap
+from proxy.server.requestcheck import RequestTarget
+
+log = logging.getLogger("sluice.forwarder")
+#: Refusals that are somebody's decision (a person, a deadline, the agent leaving).
+_DECIDED = frozenset({"denied", "expired", "withdrawn"})
+_RECORDED = web.RequestKey("sluice_recorded_session", str)  # the request's record is written
+
+
+def _ms(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 3)
+
+
+class Refusal(Exception):
+    """Ends a request early with Sluice's own JSON answer."""
+
+    def __init__(
+        self,
+        status: int,
+        error: str,
+        reason: str,
+        *,
+        rule: str | None = None,
+        decision: str = "refused",
+        headers: dict[str, str] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(reason)
+        self.status, self.error, self.reason = status, error, reason
+        self.rule, self.decision, self.headers = rule, decision, headers or {}
+        self.extra = extra or {}
+
+
+class Answers:
+    """Sluice's own answers (denials, refusals) and the records of every answer."""
+
+    def __init__(self, bus: EventBus, tap: RecordingTap | None) -> None:
+        self.bus = bus
+        self.tap = tap
+
+    async def record_request(
+        self,
+        request: web.Request,
+        identity: Identity,
+        where: RequestTarget,
+        body: bytes | None,
+        request_id: str,
+        decision: Decision,
+        label: str,
+        fwd: ForwardRequest | None = None,
+    ) -> None:
+        """Durable before anything is forwarded or answered; no recording, no request."""
+        if self.tap is None:
+            return
+        request[_RECORDED] = identity.session  # its answer, whatever it is, is recorded too
+        url = where.raw_path + (f"?{where.raw_query}" if where.raw_query else "")
+        agent_url = f"{request.scheme}://{request.host}{request.raw_path}"
+        if fwd is not None:
+            url = agent_url = fwd.base_url() + url  # the destination, absolute
+        try:
+            await self.tap.request(
+                identity=identity,
+                request_id=request_id,
+                method=request.method,
+                target=where.name,
+                url=url,
+                agent_url=agent_url,
+                client=request.remote or "",
+                headers=request.headers.items(),
+                body=body,
+                streamed=body is None and request.body_exists,
+                decision={
+                    "action": label,
+                    "rule": decision.rule,
+                    "reason": decision.reason,
+                    "code": decision.code,
+                },
+                secret_values=[],
+            )
+        except RecordingRefused as exc:
+            log.error("recording unavailable, refusing request: %s", exc.reason)
+            raise Refusal(
+                503,
+                "recording_unavailable",
+                "the session recorder cannot write; nothing is forwarded unrecorded",
+            ) from None
+
+    def record_answer(
+        self, request_id: str, session: str, response: web.Response, error: str | None = None
+    ) -> None:
+        if self.tap is not None:
+            capture = self.tap.capture()
+            if capture is not None and response.body is not None:
+                capture.add(bytes(response.body))
+            self.tap.response(
+                request_id=request_id,
+                session=session,
+                status=response.status,
+                headers=response.headers.items(),
+                capture=capture,
+                error=error,
+            )
+
+    def deny(self, request_id: str, started: float, decision: Decision) -> web.Response:
+        response = error_response(
+            403,
+            "denied",
+            decision.reason,
+            rule=decision.rule,
+            request_id=request_id,
+            code=decision.code,
+        )
+        response.headers["X-Sluice-Request-Id"] = request_id
+        self.bus.publish(
+            "request.completed",
+            request_id=request_id,
+            status=403,
+            decision="denied",
+            rule=decision.rule,
+            bytes_out=len(response.body),
+            duration_ms=_ms(started),
+        )
+        return response
+
+    def refuse(
+        self, request: web.Request, request_id: str, started: float, refusal: Refusal
+    ) -> web.Response:
+        """A refusal that is not a policy decision (bad input, identity, limits, credentials).
+
+        Once the request is in the recording, the refusal is recorded as its response (what
+        the agent received); before that, as an error record of its own.
+        """
+        extra = dict(refusal.extra)
+        if refusal.rule is not None:
+            extra.setdefault("rule", refusal.rule)
+        response = error_response(
+            refusal.status, refusal.error, refusal.reason, request_id=request_id, **extra
+        )
+        response.headers["X-Sluice-Request-Id"] = request_id
+        response.headers.update(refusal.headers)
+        if refusal.status == 407:
+            for name, value in PROXY_AUTHENTICATE:
+                response.headers.add(name, value)
+        recorded = request.get(_RECORDED)
+        if recorded is not None and refusal.error != "recording_unavailable":
+            # a person's (or a deadline's) denial is an answer, not a failure
+            failure = None if refusal.decision in _DECIDED else refusal.error
+            self.record_answer(request_id, recorded, response, error=failure)
+        elif self.tap is not None and refusal.error != "recording_unavailable":
+            self.tap.note(
+                "error",
+                request_id=request_id,
+                session=CURRENT_SESSION.get(),
+                status=refusal.status,
+                error=refusal.error,
+                reason=refusal.reason,
+            )
+        self.bus.publish(
+            "request.completed",
+            request_id=request_id,
+            status=refusal.status,
+            decision=refusal.decision,
+            rule=refusal.rule,
+            code=refusal.error,
+            reason=refusal.reason,
+            bytes_out=len(response.body),
+            duration_ms=_ms(started),
+        )
+        return response
