@@ -192,26 +192,43 @@ class Recorder:
         the next group commit an urgent record starts, or one ``LAZY_DELAY`` later: one
         fsync per request instead of two when requests come one at a time.
         """
+        return await self.submit(kind, urgent=urgent, **fields)
+
+    def submit(self, kind: str, *, urgent: bool = True, **fields: Any) -> asyncio.Future[int]:
+        """``append`` without a coroutine: queued now, the future gives the seq once durable.
+
+        The proxy records three records per request; a task for each costs more CPU than
+        the record itself. Raises ``RecorderUnavailable`` at once when the recorder is down.
+        """
         fmt.check_kind(kind)
         if kind == fmt.CHECKPOINT or kind.startswith("recorder."):
             raise ValueError(f"record kind {kind!r} is reserved for the recorder")
         self._ensure_ok()
         prepared, big = self._fields.prepare(kind, fields)
-        if big is not None:
-            prepared["body"] = await self._store(big)
-            self._ensure_ok()
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        if big is not None:  # a sidecar blob is written first, in the aux thread
+            return asyncio.ensure_future(self._submit_big(kind, prepared, big, urgent))
+        return self._queue(kind, prepared, urgent)
+
+    async def _submit_big(
+        self, kind: str, prepared: dict[str, Any], big: bytes, urgent: bool
+    ) -> int:
+        prepared["body"] = await self._store(big)
+        self._ensure_ok()
+        return await self._queue(kind, prepared, urgent)
+
+    def _queue(self, kind: str, prepared: dict[str, Any], urgent: bool) -> asyncio.Future[int]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[int] = loop.create_future()
         self._maybe_rotate(self._clock())
-        seq = self._enqueue(kind, prepared, future)
+        self._enqueue(kind, prepared, future)
         assert self._pos is not None
         if kind == fmt.SESSION_END or self._pos.since_checkpoint >= self.checkpoint_every:
             self._enqueue(fmt.CHECKPOINT, {}, None)
         if urgent:
             self._kick()
         elif self._lazy_kick is None:
-            self._lazy_kick = asyncio.get_running_loop().call_later(LAZY_DELAY, self._kick)
-        await future
-        return seq
+            self._lazy_kick = loop.call_later(LAZY_DELAY, self._kick)
+        return future
 
     async def checkpoint(self) -> int | None:
         """Seal what is unsealed now; None if nothing was."""
@@ -321,15 +338,19 @@ class Recorder:
             record = fmt.build_record(seq, ts, pos.head, kind, fields)
         line = fmt.encode_record(record)  # a value JSON cannot hold raises here, state intact
         sealed = kind == fmt.CHECKPOINT
-        self._pos = replace(
-            pos,
-            seq=seq,
-            head=fmt.line_hash(line),
-            ts=ts,
-            size=pos.size + len(line),
-            checkpoint_from=seq + 1 if sealed else pos.checkpoint_from,
-            since_checkpoint=0 if sealed else pos.since_checkpoint + 1,
-            last_checkpoint_ts=ts if sealed else pos.last_checkpoint_ts,
+        self._pos = Position(  # spelled out: dataclasses.replace costs more than the record
+            pos.path,
+            pos.index,
+            pos.size + len(line),
+            pos.file_started,
+            pos.file_first_seq,
+            seq,
+            fmt.line_hash(line),
+            pos.chain,
+            seq + 1 if sealed else pos.checkpoint_from,
+            0 if sealed else pos.since_checkpoint + 1,
+            ts if sealed else pos.last_checkpoint_ts,
+            ts,
         )
         self._pending.append(_Item(self._pos, line, future))
         return seq

@@ -57,7 +57,7 @@ class RecordingTap:
         self.bus = bus
         self.capture_limit = capture_limit
         self._sessions: OrderedDict[str, None] = OrderedDict()
-        self._background: set[asyncio.Task[Any]] = set()
+        self._background: set[asyncio.Future[Any]] = set()
 
     @property
     def enabled(self) -> bool:
@@ -83,22 +83,9 @@ class RecordingTap:
         secret_values: list[str],
     ) -> None:
         """Session start (first time), request and decision: durable before forwarding."""
-        if self.recorder is None:
+        recorder = self.recorder
+        if recorder is None:
             return
-        appends = []
-        if identity.session not in self._sessions:
-            self._sessions[identity.session] = None
-            while len(self._sessions) > 10000:
-                self._sessions.popitem(last=False)
-            appends.append(
-                self.recorder.append(
-                    "session.start",
-                    session=identity.session,
-                    subject=identity.subject,
-                    groups=list(identity.groups),
-                    token_id=identity.token_id,
-                )
-            )
         fields: dict[str, Any] = {
             "request_id": request_id,
             "session": identity.session,
@@ -115,15 +102,33 @@ class RecordingTap:
         elif streamed:
             fields["body_streamed"] = True  # its bytes follow in a request.body record
             # (written after forwarding: a streamed body is not held back for the disk)
-        appends.append(self.recorder.append("request", **fields))
-        appends.append(
-            self.recorder.append(
-                "decision", request_id=request_id, session=identity.session, **decision
-            )
-        )
+        pending: list[asyncio.Future[int]] = []
         try:
-            await asyncio.gather(*appends)  # one group commit for all of them
+            if identity.session not in self._sessions:
+                pending.append(
+                    recorder.submit(
+                        "session.start",
+                        session=identity.session,
+                        subject=identity.subject,
+                        groups=list(identity.groups),
+                        token_id=identity.token_id,
+                    )
+                )
+                self._sessions[identity.session] = None
+                while len(self._sessions) > 10000:
+                    self._sessions.popitem(last=False)
+            pending.append(recorder.submit("request", **fields))
+            pending.append(
+                recorder.submit(
+                    "decision", request_id=request_id, session=identity.session, **decision
+                )
+            )
+            for future in pending:  # one group commit for all of them
+                await future
         except RecorderUnavailable as exc:
+            for future in pending:  # they failed together: nobody else will look
+                if future.done() and not future.cancelled():
+                    future.exception()
             raise RecordingRefused(str(exc)) from None
 
     def response(
@@ -155,7 +160,7 @@ class RecordingTap:
                 fields["body_size"] = capture.size
         if error:
             fields["error"] = error
-        self._spawn(self.recorder.append("response", urgent=False, **fields))
+        self._submit("response", fields)
 
     def request_body(self, *, request_id: str, session: str, sent: Capture) -> None:
         """A body streamed to the upstream unread by policy: recorded once it has gone."""
@@ -169,19 +174,28 @@ class RecordingTap:
         if sent.truncated:
             fields["body_truncated_at"] = len(sent.data)
             fields["body_size"] = sent.size
-        self._spawn(self.recorder.append(REQUEST_BODY, urgent=False, **fields))
+        self._submit(REQUEST_BODY, fields)
 
     def note(self, kind: str, **fields: Any) -> None:
         """Config reloads and errors, recorded in the background."""
         if self.recorder is not None:
-            self._spawn(self.recorder.append(kind, urgent=False, **fields))
+            self._submit(kind, fields)
 
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
-        self._background.add(task)
-        task.add_done_callback(self._done)
+    def _submit(self, kind: str, fields: dict[str, Any]) -> None:
+        """Queued for the next group commit; failures are logged, never raised at the agent."""
+        assert self.recorder is not None
+        try:
+            future = self.recorder.submit(kind, urgent=False, **fields)
+        except RecorderUnavailable as exc:
+            log.warning("recording a %s record failed: %s", kind, exc)
+            return
+        except Exception as exc:  # a value JSON cannot hold: the caller must not fail
+            log.warning("recording a %s record failed: %s", kind, type(exc).__name__)
+            return
+        self._background.add(future)
+        future.add_done_callback(self._done)
 
-    def _done(self, task: asyncio.Task[Any]) -> None:
+    def _done(self, task: asyncio.Future[Any]) -> None:
         self._background.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.warning("recording a record failed: %s", type(task.exception()).__name__)

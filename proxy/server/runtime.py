@@ -7,6 +7,7 @@ import contextlib
 import gc
 import logging
 import socket
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -39,6 +40,7 @@ from proxy.server.recording_tap import RecordingTap
 from proxy.state import ensure_state_dir, load_or_create_admin_token
 
 log = logging.getLogger("sluice.runtime")
+SWITCH_INTERVAL = 0.0005
 RECORDING_KEY_FILE = "recording-signing.pem"
 #: Events that become records of their own (requests are recorded by the forwarder).
 RECORDED_EVENTS = (
@@ -231,6 +233,10 @@ class ProxyRuntime:
         gc.collect()
         gc.freeze()
         gc.set_threshold(50_000, 20, 100)
+        # The recorder's thread needs the GIL back after each write and fsync; under load
+        # the default 5 ms switch interval makes every group commit wait for it, and every
+        # request with it (measured: docs/benchmarks.md, recording on vs off).
+        sys.setswitchinterval(SWITCH_INTERVAL)
         self.bus.publish(
             "proxy.started",
             listen=self.main_url,
@@ -293,6 +299,9 @@ class ProxyRuntime:
                 "state": self.recorder.state if self.recorder else "off",
                 "reason": self.recorder.failure if self.recorder else None,
                 "file": str(self.recorder.current_file) if self.recorder else None,
+                # records per fsync: how well group commit is amortising the disk
+                "records": self.recorder.stats.records if self.recorder else 0,
+                "fsyncs": self.recorder.stats.batches if self.recorder else 0,
             },
             "forward": {
                 "enabled": self.holder.current.forward.enabled,
