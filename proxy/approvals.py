@@ -33,6 +33,11 @@ class Scope(StrEnum):
     ALWAYS = "always"
 
 
+def destination_of(host: str | None, port: int | None) -> str | None:
+    """How a forward destination keys session-wide approvals (None for targets)."""
+    return f"{host}:{port}" if host is not None and port is not None else None
+
+
 def fingerprint(method: str, target: str, path: str, query: str, body: bytes) -> str:
     """What a decision applies to: this exact request, body included, never another."""
     digest = hashlib.sha256()
@@ -141,7 +146,8 @@ class ApprovalDesk:
         self.clock = clock
         self._pending: OrderedDict[str, Held] = OrderedDict()
         self._decided: OrderedDict[str, Held] = OrderedDict()  # kept for 409s and late approvals
-        self._session_grants: dict[tuple[str, str | None], _Grant] = {}
+        #: (session, rule, destination): a forward destination is part of what was approved
+        self._session_grants: dict[tuple[str, str | None, str | None], _Grant] = {}
         self._retry_grants: dict[tuple[str, str], _Grant] = {}
         self._ids = itertools.count(1)
         self.closed = False
@@ -149,14 +155,16 @@ class ApprovalDesk:
 
     # -- before holding -------------------------------------------------------------------
 
-    def standing_verdict(self, fp: str, session: str, rule: str | None) -> _Grant | None:
+    def standing_verdict(
+        self, fp: str, session: str, rule: str | None, destination: str | None = None
+    ) -> _Grant | None:
         """A decision already taken for this request: a late approval (used once) or a
-        session-wide answer for this rule."""
+        session-wide answer for this rule (and, for forward requests, this host:port)."""
         now = self.clock()
         grant = self._retry_grants.pop((session, fp), None)
         if grant is not None and now < grant.until:
             return grant
-        grant = self._session_grants.get((session, rule))
+        grant = self._session_grants.get((session, rule, destination))
         if grant is not None and now < grant.until:
             return grant
         return None
@@ -224,7 +232,8 @@ class ApprovalDesk:
             held.learned_rule = self.learn(held, verdict, approver)
         if chosen is Scope.SESSION:
             until = held.session_expires or self.clock() + 8 * 3600
-            self._session_grants[(held.session, held.rule)] = _Grant(verdict, approver, until)
+            key = (held.session, held.rule, destination_of(held.host, held.port))
+            self._session_grants[key] = _Grant(verdict, approver, until)
         if late:
             # The agent was already told it timed out; its identical retry goes through once.
             self._retry_grants[(held.session, held.fingerprint)] = _Grant(

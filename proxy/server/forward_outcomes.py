@@ -11,7 +11,14 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.approvals import ApprovalDesk, DeskClosed, QueueFull, State, fingerprint
+from proxy.approvals import (
+    ApprovalDesk,
+    DeskClosed,
+    QueueFull,
+    State,
+    destination_of,
+    fingerprint,
+)
 from proxy.config import Config
 from proxy.egress import Authority
 from proxy.events import EventBus
@@ -78,7 +85,9 @@ async def hold_connect(
         )
     settings = job.config.approvals
     fp = fingerprint("CONNECT", target, authority.shown, "", b"")
-    standing = desk.standing_verdict(fp, identity.session, decision.rule)
+    standing = desk.standing_verdict(
+        fp, identity.session, decision.rule, destination_of(authority.host, authority.port)
+    )
     if standing is not None:
         if standing.verdict == "allow":
             return "approved"

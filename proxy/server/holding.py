@@ -16,7 +16,14 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from proxy.approvals import ApprovalDesk, DeskClosed, QueueFull, State, fingerprint
+from proxy.approvals import (
+    ApprovalDesk,
+    DeskClosed,
+    QueueFull,
+    State,
+    destination_of,
+    fingerprint,
+)
 from proxy.config import Config
 from proxy.identity import Identity
 from proxy.identity.oidc import check_fetch_url
@@ -108,7 +115,8 @@ class Holding:
         # Forward requests share target names across hosts: the destination is bound too.
         bound = target if facts.port is None else f"{target}@{facts.host}:{facts.port}"
         fp = fingerprint(facts.method, bound, facts.path, facts.query, body)
-        standing = self.desk.standing_verdict(fp, identity.session, decision.rule)
+        destination = destination_of(facts.host, facts.port) if facts.port is not None else None
+        standing = self.desk.standing_verdict(fp, identity.session, decision.rule, destination)
         if standing is not None:
             if standing.verdict == "allow":
                 return Decision(
