@@ -581,16 +581,6 @@ async def test_a_glob_rule_inside_a_plain_request_cannot_reach_a_named_private_h
     assert seen == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="forward_connect.ConnectHandler._connect checks (and pins) the addresses once per "
-    "CONNECT with allow_private taken from the CONNECT's rule; requests inside the tunnel "
-    "reuse tunnel.addresses and Forwarder._process skips _check_destination for them. So a "
-    "request allowed only by a glob rule (host='*') reaches a private/loopback address "
-    "because a different rule (here an approve rule naming the host) matched the CONNECT; "
-    "the same request as plain http:// is refused. Private reachability must be decided "
-    "per request by the rule that allowed it.",
-)
 async def test_a_glob_rule_inside_a_tunnel_cannot_reach_a_named_private_host(
     tmp_path: Path,
 ) -> None:
@@ -625,15 +615,6 @@ class FlippingResolver:
         return ["127.0.0.1"] if self.calls == 1 else ["93.184.216.34"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ForwardService.session pools upstream connections by host name and port "
-    "(aiohttp ConnectionKey), not by the checked address: a second request whose check "
-    "resolved to a public address (allowed by a glob rule) is sent over the kept-alive "
-    "connection opened earlier to a private address (allowed then because a rule named "
-    "the host). The address checked is not the address used: DNS rebinding through the "
-    "pool, and a glob rule reaching a private address.",
-)
 async def test_a_pooled_connection_to_a_private_address_is_not_reused_after_a_public_check(
     tmp_path: Path,
 ) -> None:
@@ -760,16 +741,6 @@ class CountingResolver:
         raise OSError("test resolver: NXDOMAIN")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="forward_connect.ConnectHandler._connect resolves the CONNECT name whenever the "
-    "decision is not DENY, and in intercept mode an APPROVE decision is not held at the "
-    "CONNECT (_tunnel_decision returns 'intercepted'): under an 'ask a person' rule "
-    "(action = approve) every CONNECT makes Sluice look the name up before anyone has "
-    "approved anything, so an agent leaks data through DNS queries "
-    "(<data>.attacker.example) with no human in the loop. Absolute-form requests and "
-    "passthrough CONNECTs resolve only after the approval; intercepted CONNECTs should too.",
-)
 async def test_an_approve_rule_does_not_resolve_names_before_a_person_decides(
     tmp_path: Path,
 ) -> None:

@@ -104,6 +104,20 @@ class PinnedResolver(AbstractResolver):
         return None
 
 
+def _pinned_session(pins: PinTable) -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(
+        auto_decompress=False,
+        connector=aiohttp.TCPConnector(
+            limit=0,
+            limit_per_host=0,
+            resolver=PinnedResolver(pins),
+            use_dns_cache=False,  # a cache could outlive the pin it came from
+        ),
+        trust_env=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
+    )
+
+
 class DestinationRefused(Exception):
     """The destination may not be reached: status, machine code and a reason."""
 
@@ -120,9 +134,12 @@ class Tunnel:
     target: str
     entry: EgressEntry | None
     identity: Identity
-    addresses: tuple[str, ...]
+    addresses: tuple[str, ...]  # passthrough only: what the tunnel connected to
     request_id: str
     requests: int = 0
+    #: Intercepted: allow_private -> the checked addresses, so a kept-alive tunnel resolves
+    #: once per kind of check, not per request.
+    checked: dict[bool, tuple[str, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -135,6 +152,9 @@ class ForwardRequest:
     entry: EgressEntry | None
     tunnel: Tunnel | None = None
     addresses: tuple[str, ...] = field(default=())
+    #: The check allowed non-public addresses: such requests use their own connection
+    #: pool and pins, never shared with requests that were checked as public-only.
+    private: bool = False
 
     @property
     def mode(self) -> str:
@@ -167,31 +187,33 @@ class ForwardService:
         self._ca_factory = ca_factory or default_ca
         self._ca: CertificateAuthority | None = None
         self._ca_lock = asyncio.Lock()
-        self.pins = PinTable()
+        self.pins = PinTable()  # public addresses only (checked without allow_private)
+        self.private_pins = PinTable()  # checked with allow_private
         self.session: aiohttp.ClientSession | None = None
+        self.private_session: aiohttp.ClientSession | None = None
         self._ssl: dict[str, ssl.SSLContext] = {}
         self.tunnels: set[asyncio.BaseTransport] = set()
         self.max_tunnels = 1024
 
     async def start(self) -> None:
-        self.session = aiohttp.ClientSession(
-            auto_decompress=False,
-            connector=aiohttp.TCPConnector(
-                limit=0,
-                limit_per_host=0,
-                resolver=PinnedResolver(self.pins),
-                use_dns_cache=False,  # a cache could outlive the pin it came from
-            ),
-            trust_env=False,
-            cookie_jar=aiohttp.DummyCookieJar(),
-        )
+        # Two pools: aiohttp keys pooled connections by name and port, not by address, so
+        # a connection opened under allow_private must never serve a public-only request.
+        self.session = _pinned_session(self.pins)
+        self.private_session = _pinned_session(self.private_pins)
+
+    def route(self, forward: ForwardRequest) -> tuple[aiohttp.ClientSession, PinTable]:
+        """The connection pool and pin table a checked request must use."""
+        session = self.private_session if forward.private else self.session
+        assert session is not None
+        return session, self.private_pins if forward.private else self.pins
 
     async def close(self) -> None:
         for transport in list(self.tunnels):
             transport.abort()
         self.tunnels.clear()
-        if self.session is not None:
-            await self.session.close()
+        for session in (self.session, self.private_session):
+            if session is not None:
+                await session.close()
 
     def ssl_context(self, config: Config) -> ssl.SSLContext:
         """Upstream trust: the configured bundle, else the system store (SSL_CERT_FILE)."""

@@ -121,10 +121,14 @@ class ConnectHandler:
             decision = Decision(Action.DENY, None, "policy could not decide", "policy_error")
         label = await self._tunnel_decision(job, mode, decision, target, authority, identity)
         addresses: tuple[str, ...] = ()
-        if decision.action is not Action.DENY:
-            # No rule spoke for this destination (an intercepted default deny): nothing is
-            # resolved now, so a CONNECT alone cannot make Sluice look names up (a DNS
-            # channel out). Each request inside resolves once a rule has allowed it.
+        allow_private = False
+        if decision.action is Action.ALLOW or (
+            mode == "passthrough" and decision.action is Action.APPROVE  # approved by now
+        ):
+            # Checked now so a refused destination refuses the CONNECT itself. Nothing is
+            # resolved for an intercepted CONNECT that no rule allowed or that waits for a
+            # person (a DNS channel out), and requests inside are checked again under the
+            # rule that allowed each of them: this check only serves requests of its kind.
             allow_private = bool(entry and entry.allow_private) or config.policy.names_host(
                 decision.rule, authority.host
             )
@@ -147,6 +151,8 @@ class ConnectHandler:
         )
         await self._record(job, target, authority, decision, label)
         tunnel = Tunnel(authority, target, entry, identity, addresses, job.request_id)
+        if addresses:
+            tunnel.checked[allow_private] = addresses
         self.bus.publish("request.forwarded", request_id=job.request_id, upstream=target)
         if mode == "passthrough":
             await self._passthrough(job, tunnel, label)

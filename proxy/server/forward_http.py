@@ -22,9 +22,7 @@ def forward_request(request: web.Request, config: Config) -> tuple[ForwardReques
     tunnel: Tunnel | None = getattr(request.protocol, "sluice_tunnel", None)
     if tunnel is not None:
         _check_host_header(request, tunnel.authority)
-        forward = ForwardRequest(
-            tunnel.authority, "https", tunnel.target, tunnel.entry, tunnel, tunnel.addresses
-        )
+        forward = ForwardRequest(tunnel.authority, "https", tunnel.target, tunnel.entry, tunnel)
         return forward, request.raw_path
     raw = request.raw_path
     if raw.startswith("/"):

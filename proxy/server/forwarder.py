@@ -207,7 +207,7 @@ class Forwarder:
                     headers={"Retry-After": "30"} if refused.status == 429 else None,
                 ) from None
             label = "approved"
-        if fwd is not None and not fwd.addresses and decision.allowed:
+        if fwd is not None and decision.allowed:  # under this request's rule, after approval
             fwd, decision, label = await self._check_destination(config, fwd, decision, label)
         bus.publish(
             "request.decided",
@@ -255,19 +255,26 @@ class Forwarder:
     async def _check_destination(
         self, config: Config, fwd: ForwardRequest, decision: Decision, label: str
     ) -> tuple[ForwardRequest, Decision, str]:
-        """Resolve and check a plain http:// destination; a refused address is a denial."""
+        """Resolve and check the destination under the rule that allowed this request; a
+        refused address is a denial. A tunnel remembers its checks (by allow_private)."""
         assert self.forward is not None
         entry = fwd.entry
         allow_private = bool(entry and entry.allow_private) or config.policy.names_host(
             decision.rule, fwd.authority.host
         )
-        try:
-            verdict = await self.forward.check_destination(config, fwd.authority, allow_private)
-        except DestinationRefused as refused:
-            if refused.status != 403:
-                raise Refusal(refused.status, refused.code, refused.reason) from None
-            return fwd, Decision(Action.DENY, None, refused.reason, refused.code), "denied"
-        return replace(fwd, addresses=verdict.addresses), decision, label
+        tunnel = fwd.tunnel
+        addresses = tunnel.checked.get(allow_private) if tunnel is not None else None
+        if addresses is None:
+            try:
+                verdict = await self.forward.check_destination(config, fwd.authority, allow_private)
+            except DestinationRefused as refused:
+                if refused.status != 403:
+                    raise Refusal(refused.status, refused.code, refused.reason) from None
+                return fwd, Decision(Action.DENY, None, refused.reason, refused.code), "denied"
+            addresses = verdict.addresses
+            if tunnel is not None:
+                tunnel.checked[allow_private] = addresses
+        return replace(fwd, addresses=addresses, private=allow_private), decision, label
 
     async def _authenticate(
         self,
@@ -382,9 +389,9 @@ class Forwarder:
         if fwd is not None:
             # The destination is not ours to tell about the agent's host; only which
             # checked addresses it may be reached at (the pinned resolver's answer).
-            assert self.forward is not None and self.forward.session is not None
-            session = self.forward.session
-            self.forward.pins.pin(fwd.authority.host, fwd.addresses)
+            assert self.forward is not None
+            session, pins = self.forward.route(fwd)
+            pins.pin(fwd.authority.host, fwd.addresses)
             if fwd.scheme == "https":
                 extra["ssl"] = self.forward.ssl_context(config)
         else:
