@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ TlsMode = Literal["intercept", "passthrough"]
 #: The target name of forward requests that no ``[[egress]]`` entry names.
 DEFAULT_EGRESS_NAME = "egress"
 
+#: A name whose last label is a number is an IPv4 address in some spelling (WHATWG URL).
+_NUMERIC_LAST_LABEL = re.compile(r"(?:^|\.)(?:0x[0-9a-f]*|[0-9]+)$")
 _HOSTNAME = re.compile(
     r"^(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62})(?:\.[A-Za-z0-9_-]{1,63})*\.?$"
 )
@@ -60,6 +63,13 @@ def normalise_host(host: str) -> str:
         return str(ipaddress.ip_address(text))
     except ValueError:
         pass
+    if _NUMERIC_LAST_LABEL.search(text):
+        # 1572395042, 0x5db8d822, 0135.184.216.34, 127.1: what resolvers (inet_aton) and
+        # browsers (WHATWG URL) read as IPv4. Policy must see the address they reach.
+        try:
+            return socket.inet_ntoa(socket.inet_aton(text))
+        except OSError:
+            raise BadDestination(f"not a valid IPv4 address: {host!r}") from None
     if not _HOSTNAME.match(text):
         raise BadDestination(f"not a host name: {host!r}")
     return text
@@ -133,6 +143,8 @@ def non_public_reason(address: IPAddress) -> str | None:
         return "shared address space (CGNAT)"
     if isinstance(address, ipaddress.IPv6Address) and address in ipaddress.ip_network("fc00::/7"):
         return "unique local (ULA)"
+    if isinstance(address, ipaddress.IPv6Address) and address.is_site_local:
+        return "site-local (fec0::/10, still routed inside some networks)"
     if address.is_private:
         return "private"
     if address.is_reserved or not address.is_global:

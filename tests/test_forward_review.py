@@ -539,13 +539,6 @@ async def test_a_loopback_rule_does_not_open_sluice_own_listeners(tmp_path: Path
 # --------------------------------------------------------------------------- addresses
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="proxy/egress.py non_public_reason: IPv6 site-local fec0::/10 (deprecated, "
-    "still routed on some internal networks) is neither is_private nor is_reserved in "
-    "Python's ipaddress, so a name resolving to fec0::1 passes the address check under a "
-    "glob allow and Sluice connects to it (the connector is asked for fec0::1)",
-)
 async def test_site_local_ipv6_is_refused(tmp_path: Path) -> None:
     egress = [{"name": "anything", "host": "*", "tls": "passthrough"}]
     path = write_forward_config(tmp_path, rules=ALLOW_ALL, egress=egress)
@@ -772,15 +765,6 @@ async def test_the_spellings_are_what_getaddrinfo_reads_as_the_address() -> None
         assert socket.inet_ntoa(socket.inet_aton(spelling)) == PUBLIC_IP
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="proxy/egress.py normalise_host only canonicalises what ipaddress.ip_address "
-    "accepts, so 1572395042, 0x5db8d822, 93.12113954 and 0135.184.216.34 are treated as "
-    "host *names*: policy and [[egress]] matching see the spelling, then the system "
-    "resolver (getaddrinfo/inet_aton) turns it into 93.184.216.34 and Sluice connects. A "
-    "deny rule on an address (host = '93.184.216.34') is bypassed. Such names should be "
-    "refused (400) or canonicalised before policy.",
-)
 async def test_a_deny_rule_on_an_address_holds_for_every_spelling(tmp_path: Path) -> None:
     rules = [
         {"name": "no-drop-box", "host": PUBLIC_IP, "action": "deny", "reason": "exfil"},
