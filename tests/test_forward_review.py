@@ -512,15 +512,6 @@ async def test_sluice_own_listeners_are_loopback_and_refused_by_default(tmp_path
     assert connector.attempts == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a rule naming 127.0.0.1 (say, for a local dev server, without a port) also "
-    "opens Sluice's own admin and main listeners as forward destinations: "
-    "ForwardService.check_destination / Forwarder._check_destination never exclude the "
-    "proxy's own sockets, so an agent reaches the admin API (approvals, flows) through "
-    "the proxy and can tunnel into the proxy itself (CONNECT loops). Defence in depth: "
-    "Sluice should refuse its own listen addresses whatever the rules say.",
-)
 async def test_a_loopback_rule_does_not_open_sluice_own_listeners(tmp_path: Path) -> None:
     rules = [{"name": "local-dev", "host": "127.0.0.1", "action": "allow"}]
     path = write_forward_config(tmp_path, rules=rules, identity={"mode": "none"})
@@ -666,14 +657,6 @@ async def test_an_expired_token_ends_requests_inside_an_intercepted_tunnel(
     assert [s.path_qs for s in seen] == ["/a"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="forward_connect.ConnectHandler._passthrough: a passthrough tunnel is never "
-    "re-checked against its token's expiry (intercepted tunnels are, per request in "
-    "Forwarder._process), so a tunnel opened just before `sluice env --ttl` runs out keeps "
-    "carrying bytes for as long as it is not idle: the TTL does not bound an agent's "
-    "access (nor does a reload that would now deny the destination).",
-)
 async def test_a_passthrough_tunnel_ends_when_its_token_expires(tmp_path: Path) -> None:
     egress = [{"name": "opaque", "host": "repo.test", "tls": "passthrough", "allow_private": True}]
     rules = [{"name": "ok", "target": "opaque", "action": "allow"}]

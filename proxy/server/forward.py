@@ -194,6 +194,8 @@ class ForwardService:
         self._ssl: dict[str, ssl.SSLContext] = {}
         self.tunnels: set[asyncio.BaseTransport] = set()
         self.max_tunnels = 1024
+        #: (bound address, port) of the proxy's own listeners, admin API included.
+        self.own_endpoints: set[tuple[str, int]] = set()
 
     async def start(self) -> None:
         # Two pools: aiohttp keys pooled connections by name and port, not by address, so
@@ -273,7 +275,24 @@ class ForwardService:
             raise DestinationRefused(
                 403, "destination_refused", verdict.refused or f"{host} may not be reached"
             )
+        if any(self._is_own(address, authority.port) for address in verdict.addresses):
+            raise DestinationRefused(
+                403,
+                "destination_is_sluice",
+                f"{authority.shown} is this proxy's own listener; it is never a destination",
+            )
         return verdict
+
+    def _is_own(self, address: str, port: int) -> bool:
+        """Whether address:port reaches one of the proxy's own sockets (loops, admin API)."""
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+        for bound, bound_port in self.own_endpoints:
+            if bound_port != port:
+                continue
+            mine = ipaddress.ip_address(bound)
+            if mine.is_unspecified or mine == ip or (mine.is_loopback and ip.is_loopback):
+                return True
+        return False
 
     async def connect_any(
         self,

@@ -295,6 +295,13 @@ class ConnectHandler:
         pipe.attach_client(transport)
         if early:
             pipe.carry(pipe.client, early)
+        expires = tunnel.identity.expires_at
+        # An opaque tunnel has no requests to re-check: it ends with the token it opened on.
+        expiry = (
+            asyncio.get_running_loop().call_later(max(0.0, expires - time.time()), pipe.abort)
+            if expires is not None
+            else None
+        )
         try:
             await pipe.done
         except BaseException:  # cancelled (shutdown): cut both sides now
@@ -303,6 +310,8 @@ class ConnectHandler:
         finally:
             # After a normal end both sides are closing gracefully: an abort here would
             # drop the last bytes still in a write buffer.
+            if expiry is not None:
+                expiry.cancel()
             self.forward.tunnels.discard(transport)
         self.outcomes.tunnel_closed(job, tunnel, label, "passthrough", up=pipe.up, down=pipe.down)
 

@@ -223,6 +223,16 @@ class ProxyRuntime:
             admin_runner, self.overrides.admin_listen or config.proxy.admin_listen
         )
         self._admin_runner = admin_runner
+        if self.forward is not None:  # Sluice never forwards to itself, whatever a rule says
+            urls = [listener.url for listener in self.listeners] + [self.admin_url]
+            self.forward.own_endpoints = {
+                (
+                    url.rsplit(":", 1)[0].removeprefix("http://").strip("[]"),
+                    int(url.rsplit(":", 1)[1]),
+                )
+                for url in urls
+                if url
+            }
         if self.watch:
             self._watch_task = asyncio.create_task(
                 watch_config(self.holder, self.bus, self._stop_watch), name="config-watch"
