@@ -192,6 +192,10 @@ class ForwardService:
         self.session: aiohttp.ClientSession | None = None
         self.private_session: aiohttp.ClientSession | None = None
         self._ssl: dict[str, ssl.SSLContext] = {}
+        self._ssl_for: Config | None = None
+        self._last_ssl: ssl.SSLContext | None = None
+        self._models: dict[str, TargetModel] = {}
+        self._models_for: Config | None = None
         self.tunnels: set[asyncio.BaseTransport] = set()
         self.max_tunnels = 1024
         #: (bound address, port) of the proxy's own listeners, admin API included.
@@ -219,6 +223,8 @@ class ForwardService:
 
     def ssl_context(self, config: Config) -> ssl.SSLContext:
         """Upstream trust: the configured bundle, else the system store (SSL_CERT_FILE)."""
+        if self._ssl_for is config and self._last_ssl is not None:
+            return self._last_ssl  # one config at a time: no path work per request
         bundle = config.ca_bundle_path
         key = str(bundle) if bundle else ""
         context = self._ssl.get(key)
@@ -226,6 +232,7 @@ class ForwardService:
             context = ssl.create_default_context(cafile=str(bundle) if bundle else None)
             context.set_alpn_protocols(["http/1.1"])
             self._ssl[key] = context
+        self._ssl_for, self._last_ssl = config, context
         return context
 
     async def server_context(self, hostname: str) -> ssl.SSLContext:
@@ -241,7 +248,18 @@ class ForwardService:
         return await asyncio.to_thread(self._ca.server_context, hostname)
 
     def target_model(self, config: Config, forward: ForwardRequest) -> TargetModel:
-        """The stand-in target that masking and relay code expect."""
+        """The stand-in target that masking and relay code expect (cached per config)."""
+        if self._models_for is not config:
+            self._models_for, self._models = config, {}
+        key = f"{forward.target} {forward.base_url()}"
+        model = self._models.get(key)
+        if model is None:
+            if len(self._models) >= 1024:
+                self._models.clear()
+            model = self._models[key] = self._target_model(config, forward)
+        return model
+
+    def _target_model(self, config: Config, forward: ForwardRequest) -> TargetModel:
         entries = config.egress_entries or {}
         model = entries.get(forward.target)
         masking = model.masking if model is not None else TargetMasking()

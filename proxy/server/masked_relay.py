@@ -70,6 +70,7 @@ class MaskingService:
     def __init__(self, state_dir: Path) -> None:
         self.key = load_or_create_mask_key(state_dir)
         self._maskers: dict[str, Masker] = {}
+        self._redacted: dict[tuple[Masker, str], str] = {}
         self._seen: OrderedDict[str, SeenSecrets] = OrderedDict()
         self._plans: dict[tuple[str, str], TargetMaskingPlan | None] = {}
 
@@ -149,9 +150,17 @@ class MaskingService:
         """Paths and queries shown in events and the console: masked like a body would be."""
         if not text or not config.masking.enabled:
             return text
-        data = text.encode("utf-8", "surrogateescape")
-        masked = self.masker(config).mask_bytes(data).masked
-        return text if masked == data else masked.decode("utf-8", "replace")
+        masker = self.masker(config)
+        key = (masker, text)  # the masker itself: a new rule set never reuses old answers
+        shown = self._redacted.get(key)
+        if shown is None:  # agents repeat their paths: a stream per request costs ~4% CPU
+            data = text.encode("utf-8", "surrogateescape")
+            masked = masker.mask_bytes(data).masked
+            shown = text if masked == data else masked.decode("utf-8", "replace")
+            if len(self._redacted) >= 4096:
+                self._redacted.clear()
+            self._redacted[key] = shown
+        return shown
 
     def seen(self, session: str) -> SeenSecrets:
         found = self._seen.get(session)
