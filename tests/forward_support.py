@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import tomli_w
 import trustme
 from aiohttp import web
@@ -234,3 +235,43 @@ def records(state_dir: Path) -> list[dict[str, Any]]:
         for line in path.read_bytes().splitlines():
             out.append(json.loads(line))
     return out
+
+
+def bundle(tmp_path: Path, ca: trustme.CA) -> Path:
+    """The upstream's CA as a bundle file the proxy is told to trust."""
+    path = tmp_path / "upstream-ca.pem"
+    ca.cert_pem.write_to_path(str(path))
+    return path
+
+
+def proxy_client() -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(trust_env=False, timeout=aiohttp.ClientTimeout(total=20))
+
+
+async def via_proxy(
+    runtime: ProxyRuntime,
+    method: str,
+    url: str,
+    *,
+    auth: str | None,
+    data: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, dict[str, str], bytes]:
+    """One request through the proxy with aiohttp's own proxy support (CONNECT for https)."""
+    context = ssl.create_default_context(cafile=str(sluice_ca(runtime).cert_path))
+    proxy_headers = {"Proxy-Authorization": auth} if auth else None
+    if url.startswith("http://") and auth:  # aiohttp sends proxy_headers only on CONNECT
+        headers = {**(headers or {}), "Proxy-Authorization": auth}
+    async with (
+        proxy_client() as client,
+        client.request(
+            method,
+            url,
+            proxy=runtime.main_url,
+            proxy_headers=proxy_headers,
+            ssl=context,
+            data=data,
+            headers=headers,
+        ) as reply,
+    ):
+        return reply.status, dict(reply.headers), await reply.read()

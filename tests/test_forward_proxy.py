@@ -16,7 +16,6 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 import trustme
 from aiohttp import web
@@ -25,8 +24,10 @@ from forward_support import (
     RecordingConnector,
     Seen,
     basic,
+    bundle,
     close,
     forward_proxy,
+    proxy_client,
     raw_connect,
     recording_app,
     records,
@@ -35,6 +36,7 @@ from forward_support import (
     sluice_ca,
     static_resolver,
     token,
+    via_proxy,
     write_forward_config,
 )
 from helpers import admin_token, parse_raw_response, raw_exchange
@@ -54,12 +56,6 @@ ALLOW_ALL = [{"name": "allow-all", "action": "allow"}]
 PRIVATE_OK = [{"name": "tests", "host": "*.test", "allow_private": True}]
 
 
-def bundle(tmp_path: Path, ca: trustme.CA = UPSTREAM_CA) -> Path:
-    path = tmp_path / "upstream-ca.pem"
-    ca.cert_pem.write_to_path(str(path))
-    return path
-
-
 class Events:
     def __init__(self, runtime: ProxyRuntime) -> None:
         self.items: list[Event] = []
@@ -71,40 +67,6 @@ class Events:
             for e in self.items
             if e.type == kind and all(e.data.get(k) == v for k, v in match.items())
         ]
-
-
-def proxy_client() -> aiohttp.ClientSession:
-    return aiohttp.ClientSession(trust_env=False, timeout=aiohttp.ClientTimeout(total=20))
-
-
-async def via_proxy(
-    runtime: ProxyRuntime,
-    method: str,
-    url: str,
-    *,
-    auth: str | None,
-    data: bytes | None = None,
-    headers: dict[str, str] | None = None,
-) -> tuple[int, dict[str, str], bytes]:
-    """One request through the proxy with aiohttp's own proxy support (CONNECT for https)."""
-    cafile = sluice_ca(runtime).cert_path
-    context = ssl.create_default_context(cafile=str(cafile))
-    proxy_headers = {"Proxy-Authorization": auth} if auth else None
-    if url.startswith("http://") and auth:  # aiohttp sends proxy_headers only on CONNECT
-        headers = {**(headers or {}), "Proxy-Authorization": auth}
-    async with (
-        proxy_client() as client,
-        client.request(
-            method,
-            url,
-            proxy=runtime.main_url,
-            proxy_headers=proxy_headers,
-            ssl=context,
-            data=data,
-            headers=headers,
-        ) as reply,
-    ):
-        return reply.status, dict(reply.headers), await reply.read()
 
 
 # --------------------------------------------------------------------------- identity
@@ -362,7 +324,9 @@ async def test_intercepted_https_is_masked_recorded_and_evented(tmp_path: Path) 
     seen: list[Seen] = []
     rules = [{"name": "repo-read", "host": "repo.test", "method": "GET", "action": "allow"}]
     egress = [{"name": "repo", "host": "repo.test", "allow_private": True}]
-    path = write_forward_config(tmp_path, rules=rules, egress=egress, ca_bundle=bundle(tmp_path))
+    path = write_forward_config(
+        tmp_path, rules=rules, egress=egress, ca_bundle=bundle(tmp_path, UPSTREAM_CA)
+    )
     async with (
         serve(recording_app(seen, leaky), server_context(UPSTREAM_CA)) as up,
         forward_proxy(path) as runtime,
@@ -407,7 +371,7 @@ async def test_a_secret_sent_out_over_https_is_refused(tmp_path: Path) -> None:
     assert len(rules) == 2
     seen: list[Seen] = []
     path = write_forward_config(
-        tmp_path, rules=rules, egress=PRIVATE_OK, ca_bundle=bundle(tmp_path)
+        tmp_path, rules=rules, egress=PRIVATE_OK, ca_bundle=bundle(tmp_path, UPSTREAM_CA)
     )
     async with (
         serve(recording_app(seen), server_context(UPSTREAM_CA)) as up,
@@ -453,7 +417,7 @@ async def test_held_request_inside_a_tunnel_waits_for_a_person(tmp_path: Path) -
         tmp_path,
         rules=rules,
         egress=PRIVATE_OK,
-        ca_bundle=bundle(tmp_path),
+        ca_bundle=bundle(tmp_path, UPSTREAM_CA),
         extra={"approvals": {"timeout": "10s"}},
     )
     async with (
@@ -613,7 +577,7 @@ async def test_proxy_tokens_never_reach_logs_events_or_recordings(
 ) -> None:
     caplog.set_level("DEBUG")
     path = write_forward_config(
-        tmp_path, rules=ALLOW_ALL, egress=PRIVATE_OK, ca_bundle=bundle(tmp_path)
+        tmp_path, rules=ALLOW_ALL, egress=PRIVATE_OK, ca_bundle=bundle(tmp_path, UPSTREAM_CA)
     )
     async with (
         serve(recording_app([]), server_context(UPSTREAM_CA)) as up,
@@ -661,7 +625,7 @@ async def test_an_egress_entry_can_switch_masking_off(tmp_path: Path) -> None:
         {"name": "lab", "host": "*.test", "allow_private": True},
     ]
     path = write_forward_config(
-        tmp_path, rules=ALLOW_ALL, egress=egress, ca_bundle=bundle(tmp_path)
+        tmp_path, rules=ALLOW_ALL, egress=egress, ca_bundle=bundle(tmp_path, UPSTREAM_CA)
     )
     resolver = static_resolver({**LOOPBACK_NAMES, "raw.test": ["127.0.0.1"]})
     async with (
@@ -785,7 +749,7 @@ async def test_the_checked_address_is_the_one_connected_to(tmp_path: Path, kind:
     tls = "passthrough" if kind == "passthrough" else "intercept"
     egress = [{"name": "lab", "host": "rebind.test", "tls": tls, "allow_private": True}]
     path = write_forward_config(
-        tmp_path, rules=ALLOW_ALL, egress=egress, ca_bundle=bundle(tmp_path)
+        tmp_path, rules=ALLOW_ALL, egress=egress, ca_bundle=bundle(tmp_path, UPSTREAM_CA)
     )
     resolver = RebindingResolver()
     connector = RecordingConnector()
@@ -899,7 +863,7 @@ async def test_encoded_slashes_pass_for_forward_requests_but_dot_segments_do_not
 
 async def test_many_tunnels_at_once_and_nothing_left_open_after(tmp_path: Path) -> None:
     path = write_forward_config(
-        tmp_path, rules=ALLOW_ALL, egress=PRIVATE_OK, ca_bundle=bundle(tmp_path)
+        tmp_path, rules=ALLOW_ALL, egress=PRIVATE_OK, ca_bundle=bundle(tmp_path, UPSTREAM_CA)
     )
     seen: list[Seen] = []
     async with (

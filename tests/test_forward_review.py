@@ -20,7 +20,6 @@ import ssl
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 import trustme
 from forward_support import (
@@ -28,9 +27,11 @@ from forward_support import (
     RecordingConnector,
     Seen,
     basic,
+    bundle,
     close,
     forward_proxy,
     proxy_address,
+    proxy_client,
     raw_connect,
     recording_app,
     serve,
@@ -38,6 +39,7 @@ from forward_support import (
     sluice_ca,
     static_resolver,
     token,
+    via_proxy,
     write_forward_config,
 )
 from helpers import admin_token, parse_raw_response, raw_exchange
@@ -48,43 +50,6 @@ pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
 UPSTREAM_CA = trustme.CA()
 ALLOW_ALL = [{"name": "allow-all", "action": "allow"}]
 PRIVATE_OK = [{"name": "tests", "host": "*.test", "allow_private": True}]
-
-
-def bundle(tmp_path: Path) -> Path:
-    path = tmp_path / "upstream-ca.pem"
-    UPSTREAM_CA.cert_pem.write_to_path(str(path))
-    return path
-
-
-def proxy_client() -> aiohttp.ClientSession:
-    return aiohttp.ClientSession(trust_env=False, timeout=aiohttp.ClientTimeout(total=20))
-
-
-async def via_proxy(
-    runtime: ProxyRuntime,
-    method: str,
-    url: str,
-    *,
-    auth: str | None,
-    headers: dict[str, str] | None = None,
-) -> tuple[int, dict[str, str], bytes]:
-    """One request through the proxy with aiohttp's own proxy support."""
-    context = ssl.create_default_context(cafile=str(sluice_ca(runtime).cert_path))
-    proxy_headers = {"Proxy-Authorization": auth} if auth else None
-    if url.startswith("http://") and auth:
-        headers = {**(headers or {}), "Proxy-Authorization": auth}
-    async with (
-        proxy_client() as client,
-        client.request(
-            method,
-            url,
-            proxy=runtime.main_url,
-            proxy_headers=proxy_headers,
-            ssl=context,
-            headers=headers,
-        ) as reply,
-    ):
-        return reply.status, dict(reply.headers), await reply.read()
 
 
 def numeric_resolver(extra: dict[str, list[str]] | None = None) -> Any:
@@ -323,7 +288,7 @@ async def test_host_inside_a_tunnel_must_name_the_connect_destination(tmp_path: 
     """SNI/Host/absolute-form inside an intercepted tunnel cannot front another name, not
     even on a second request of a kept-alive connection."""
     path = write_forward_config(
-        tmp_path, rules=ALLOW_ALL, egress=PRIVATE_OK, ca_bundle=bundle(tmp_path)
+        tmp_path, rules=ALLOW_ALL, egress=PRIVATE_OK, ca_bundle=bundle(tmp_path, UPSTREAM_CA)
     )
     seen: list[Seen] = []
     async with (
@@ -370,7 +335,7 @@ async def test_proxy_credentials_inside_a_tunnel_never_reach_the_destination(
     tmp_path: Path,
 ) -> None:
     path = write_forward_config(
-        tmp_path, rules=ALLOW_ALL, egress=PRIVATE_OK, ca_bundle=bundle(tmp_path)
+        tmp_path, rules=ALLOW_ALL, egress=PRIVATE_OK, ca_bundle=bundle(tmp_path, UPSTREAM_CA)
     )
     seen: list[Seen] = []
     async with (
@@ -573,7 +538,7 @@ async def test_a_glob_rule_inside_a_tunnel_cannot_reach_a_named_private_host(
         {"name": "internal", "host": "internal.test", "action": "approve"},
     ]
     path = write_forward_config(
-        tmp_path, rules=rules, identity={"mode": "none"}, ca_bundle=bundle(tmp_path)
+        tmp_path, rules=rules, identity={"mode": "none"}, ca_bundle=bundle(tmp_path, UPSTREAM_CA)
     )
     seen: list[Seen] = []
     resolver = static_resolver({"internal.test": ["127.0.0.1"]})
@@ -635,7 +600,7 @@ async def test_an_expired_token_ends_requests_inside_an_intercepted_tunnel(
     tmp_path: Path,
 ) -> None:
     path = write_forward_config(
-        tmp_path, rules=ALLOW_ALL, egress=PRIVATE_OK, ca_bundle=bundle(tmp_path)
+        tmp_path, rules=ALLOW_ALL, egress=PRIVATE_OK, ca_bundle=bundle(tmp_path, UPSTREAM_CA)
     )
     seen: list[Seen] = []
     async with (
@@ -787,7 +752,7 @@ async def test_intercepted_upstream_names_are_verified(
         {"name": "local", "host": "127.0.0.1", "allow_private": True},
     ]
     path = write_forward_config(
-        tmp_path, rules=ALLOW_ALL, egress=egress, ca_bundle=bundle(tmp_path)
+        tmp_path, rules=ALLOW_ALL, egress=egress, ca_bundle=bundle(tmp_path, UPSTREAM_CA)
     )
     seen: list[Seen] = []
     async with (
