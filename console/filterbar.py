@@ -1,4 +1,4 @@
-"""The filter bar: typed text compiled by ``proxy.matcher.parse_filter``, the same language
+"""The filter bar: typed text compiled by ``proxy.filter_language.parse_filter``, the same language
 as policy rules, with errors marked inline at their position."""
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from textual.timer import Timer
 from textual.widgets import Input, Static
 
 from console.render import plain
-from proxy.matcher import Matcher, MatcherError, parse_filter
+from proxy.filter_language import parse_filter
+from proxy.matcher import Matcher, MatcherError
 
 FILTER_DEBOUNCE = 0.15
 PLACEHOLDER = "filter: method:POST path:/api/** status:>=400 !decision:allowed  (/)"

@@ -314,7 +314,7 @@ def _header_predicate(value: object) -> Predicate:
     return match_headers
 
 
-def _field_predicate(name: str, value: object) -> Predicate:
+def field_predicate(name: str, value: object) -> Predicate:
     """The field table shared by rules and filters."""
     if name == "method":
         methods = frozenset(item.upper() for item in _as_list(name, value))
@@ -407,7 +407,7 @@ def compile_matcher(spec: Mapping[str, object], *, for_policy: bool = True) -> M
         if name == "body":
             body = compile_body(value)
         else:
-            predicates.append(_field_predicate(name, value))
+            predicates.append(field_predicate(name, value))
     return Matcher(
         tuple(predicates),
         body,
@@ -434,83 +434,6 @@ def _exact_names(
     if lower:
         return frozenset(name.lower().removesuffix(".") for name in names)
     return frozenset(name.upper() if upper else name for name in names)
-
-
-def parse_filter(text: str) -> Matcher:
-    """Parse console filter text: ``method:POST path:/api/** !decision:allowed status:>=400``.
-
-    Values separated by commas are alternatives; a leading ``!`` negates a term; a bare word
-    matches paths containing it. Errors carry the offending term's position for inline display.
-    """
-    tokens = _tokenize(text)
-    predicates: list[Predicate] = []
-    body: re.Pattern[bytes] | None = None
-    negated_body = False
-    names: list[str] = []
-    for position, token in tokens:
-        negate = token.startswith("!")
-        term = token[1:] if negate else token
-        name, sep, raw = _split_term(term)
-        if not sep:
-            predicates.append(_substring(term, negate))
-            names.append("path")
-            continue
-        raw_values: object = raw.split(",") if name not in ("body", "query", "header") else raw
-        try:
-            if name == "body":
-                body, negated_body = compile_body(raw_values), negate
-                names.append(name)
-                continue
-            if name.startswith("header."):
-                predicate = _field_predicate("header", {name[7:]: raw_values})
-            elif name.startswith("query."):
-                predicate = _field_predicate("query", {name[6:]: raw_values})
-            else:
-                predicate = _field_predicate(name, raw_values)
-        except MatcherError as exc:
-            raise MatcherError(exc.field, exc.message, position) from None
-        predicates.append(_negate(predicate) if negate else predicate)
-        names.append(name)
-    return Matcher(tuple(predicates), body, negated_body, tuple(names))
-
-
-_TOKEN = re.compile(r"""(?:[^\s"']+|"[^"]*"|'[^']*')+""")
-
-
-def _tokenize(text: str) -> list[tuple[int, str]]:
-    """Whitespace-separated terms with their start offsets; quotes group and are removed."""
-    tokens: list[tuple[int, str]] = []
-    end = 0
-    for match in _TOKEN.finditer(text):
-        gap = text[end : match.start()]
-        if gap.strip():
-            raise MatcherError("", "unbalanced quotes", end + len(gap) - len(gap.lstrip()))
-        tokens.append((match.start(), re.sub(r"""(["'])(.*?)\1""", r"\2", match.group())))
-        end = match.end()
-    rest = text[end:]
-    if rest.strip():
-        raise MatcherError("", "unbalanced quotes", end + len(rest) - len(rest.lstrip()))
-    return tokens
-
-
-def _substring(word: str, negate: bool) -> Predicate:
-    """A bare word in the filter bar: paths containing it (the quick search people expect)."""
-    if negate:
-        return lambda facts: word not in facts.path
-    return lambda facts: word in facts.path
-
-
-def _split_term(term: str) -> tuple[str, str, str]:
-    for index, char in enumerate(term):
-        if char in ":=":
-            return term[:index].lower(), char, term[index + 1 :]
-        if not (char.isalnum() or char in "._-"):
-            break
-    return term, "", ""
-
-
-def _negate(predicate: Predicate) -> Predicate:
-    return lambda facts: not predicate(facts)
 
 
 def headers_for_facts(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:

@@ -21,7 +21,7 @@ from console.render import (
     row_cells,
     utc_clock,
 )
-from proxy.matcher import parse_filter
+from proxy.filter_language import parse_filter
 
 
 def events(index: int, path: str = "/a", **done: Any) -> list[dict[str, Any]]:

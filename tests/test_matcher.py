@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from wcmatch import glob
 
+from proxy.filter_language import parse_filter
 from proxy.matcher import (
     FIELDS,
     FLOW_ONLY_FIELDS,
@@ -18,7 +19,6 @@ from proxy.matcher import (
     MatcherError,
     compile_matcher,
     headers_for_facts,
-    parse_filter,
 )
 
 
