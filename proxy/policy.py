@@ -35,6 +35,8 @@ class Decision:
     reason: str
     #: A stable machine-readable code for agents: "denied", "policy_error", "body_too_large", ...
     code: str = "denied"
+    #: For a request a person decided: approval id, approver, scope, held_ms (recorded).
+    approval: Mapping[str, object] | None = None
 
     @property
     def allowed(self) -> bool:

@@ -385,6 +385,10 @@ async def test_a_session_is_recorded_in_order_privately_and_verifies(
     ]
     decided = next(r for r in approved if r["kind"] == "approval.decided")
     assert decided["state"] == "approved" and decided["decided_by"] == "local-operator"
+    # the decision record itself says who approved, for how long it was held, and the scope
+    approval = next(r for r in approved if r["kind"] == "decision")
+    assert approval["approver"] == "local-operator" and approval["scope"] == "once"
+    assert approval["approval_id"] == decided["id"] and approval["held_ms"] >= 0
     refused = by_request(everything, s.request_ids["held-denied"])
     decided = next(r for r in refused if r["kind"] == "approval.decided")
     assert decided["state"] == "denied"
@@ -392,8 +396,9 @@ async def test_a_session_is_recorded_in_order_privately_and_verifies(
     assert (request["kind"], decision["kind"]) == ("request", "decision")
     assert decided["seq"] < request["seq"] < decision["seq"]
     assert decision["action"] == "denied" and decision["rule"] == "deploys"
-    # its answer is there (as an error record today, see the xfail test below)
-    assert any(r.get("status") == 403 for r in refused if r["seq"] > decision["seq"])
+    assert decision["approver"] == "local-operator" and decision["held_ms"] >= 0
+    answer = next(r for r in refused if r["kind"] == "response")  # what the agent received
+    assert answer["status"] == 403 and answer["seq"] > decision["seq"]
     held_request = next(r for r in approved if r["kind"] == "request")
     assert held_request["method"] == "POST"
     assert held_request["body"] == {"text": DEPLOY_BODY.decode()}

@@ -18,7 +18,17 @@ from urllib.parse import parse_qsl, urlsplit
 from proxy.recording.reader import Flow, Recording
 
 CREATOR = {"name": "sluice", "version": "0.1.0"}
-_DECISION_KEYS = ("action", "rule", "reason", "approver", "scope", "timing", "ts", "seq")
+_DECISION_KEYS = (
+    "action",
+    "rule",
+    "reason",
+    "approval_id",
+    "approver",
+    "scope",
+    "held_ms",
+    "ts",
+    "seq",
+)
 
 
 def _iso(ts: float) -> str:

@@ -95,6 +95,7 @@ class Answers:
                     "rule": decision.rule,
                     "reason": decision.reason,
                     "code": decision.code,
+                    **(decision.approval or {}),
                 },
                 secret_values=[],
             )

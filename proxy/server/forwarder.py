@@ -193,7 +193,9 @@ class Forwarder:
                     request, config, facts, identity, decision, body, request_id
                 )
             except HoldRefused as refused:
-                held_decision = Decision(Action.DENY, refused.rule, refused.reason, refused.error)
+                held_decision = Decision(
+                    Action.DENY, refused.rule, refused.reason, refused.error, refused.approval
+                )
                 await self.answers.record_request(
                     request, identity, where, body, request_id, held_decision, refused.decision, fwd
                 )

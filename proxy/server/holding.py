@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import logging
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
@@ -19,6 +20,7 @@ from aiohttp import web
 from proxy.approvals import (
     ApprovalDesk,
     DeskClosed,
+    Held,
     QueueFull,
     State,
     destination_of,
@@ -46,11 +48,24 @@ class HoldRefused(Exception):
         *,
         decision: str = "denied",
         rule: str | None = None,
+        approval: Mapping[str, object] | None = None,
         **extra: Any,
     ) -> None:
         super().__init__(reason)
         self.status, self.error, self.reason = status, error, reason
         self.decision, self.rule, self.extra = decision, rule, extra
+        self.approval = approval  # for the recording, not for the agent's answer
+
+
+def approval_facts(held: Held) -> dict[str, object]:
+    """Who decided a held request, for how long, and how far the decision reaches."""
+    decided = held.decided_at if held.decided_at is not None else time.time()
+    return {
+        "approval_id": held.id,
+        "approver": held.decided_by,
+        "scope": held.scope.value if held.scope is not None else None,
+        "held_ms": round((decided - held.created) * 1000, 1),
+    }
 
 
 def body_preview(body: bytes, mask: Any = None) -> str:
@@ -181,7 +196,11 @@ class Holding:
                     rule=decision.rule,
                 )
             return Decision(
-                Action.ALLOW, decision.rule, f"approved by {held.decided_by}", "approved"
+                Action.ALLOW,
+                decision.rule,
+                f"approved by {held.decided_by}",
+                "approved",
+                approval=approval_facts(held),
             ), body
         if state is State.DENIED:
             by = held.decided_by or "Sluice"
@@ -194,6 +213,7 @@ class Holding:
                 code="approval_denied",
                 decided_by=held.decided_by,
                 approval_id=held.id,
+                approval=approval_facts(held),
             )
         if state is State.EXPIRED:
             until = held.deadline + self.desk.retry_window
