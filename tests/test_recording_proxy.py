@@ -378,6 +378,8 @@ async def test_a_session_is_recorded_in_order_privately_and_verifies(
         assert request["session"] == decision["session"] == response["session"] == s.session
         assert decision["action"] == action, (name, decision)
         assert response["status"] == status, (name, response)
+        if action != "denied":  # forwarded: the response says how long it took
+            assert response["duration_ms"] > 0, (name, response)
     approved = by_request(everything, s.request_ids["approved"])
     assert [r["kind"] for r in approved if r["kind"].startswith("approval.")] == [
         "approval.requested",

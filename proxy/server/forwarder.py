@@ -251,6 +251,7 @@ class Forwarder:
                 status=response.status,
                 headers=response.headers.items(),
                 capture=capture,
+                duration_ms=round((time.perf_counter() - started) * 1000, 3),
             )
         return response
 

@@ -140,6 +140,7 @@ class RecordingTap:
         headers: Iterable[tuple[str, str]],
         capture: Capture | None,
         error: str | None = None,
+        duration_ms: float | None = None,
     ) -> None:
         """After the agent has its answer: written in the background, never delaying it."""
         if self.recorder is None:
@@ -158,6 +159,8 @@ class RecordingTap:
             if capture.truncated:
                 fields["body_truncated_at"] = len(capture.data)
                 fields["body_size"] = capture.size
+        if duration_ms is not None:
+            fields["duration_ms"] = duration_ms  # from the request's arrival to its last byte
         if error:
             fields["error"] = error
         self._submit("response", fields)
