@@ -12,6 +12,7 @@ import pytest
 
 from proxy.config import load_config
 from proxy.events import Event, EventBus
+from proxy.filter_language import parse_filter
 from proxy.flows import FlowTable, flow_facts
 from proxy.headers import (
     connection_tokens,
@@ -19,7 +20,6 @@ from proxy.headers import (
     request_headers_for_upstream,
     response_headers_for_agent,
 )
-from proxy.matcher import parse_filter
 from proxy.reload import ConfigHolder
 from proxy.state import (
     ADMIN_TOKEN_FILE,

@@ -24,9 +24,10 @@ from proxy.egress import (
     non_public_reason,
     parse_authority,
 )
+from proxy.filter_language import parse_filter
 from proxy.flows import flow_facts
 from proxy.learned import rule_for
-from proxy.matcher import Facts, MatcherError, compile_matcher, parse_filter
+from proxy.matcher import Facts, MatcherError, compile_matcher
 from proxy.policy import Policy
 from proxy.server.forward import PinnedResolver
 from proxy.server.forward_front import HeadError, parse_connect_head
