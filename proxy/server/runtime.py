@@ -27,7 +27,6 @@ from proxy.recording import Recorder
 from proxy.recording.supervisor import RecorderSupervisor
 from proxy.reload import ConfigHolder, watch_config
 from proxy.server.admin import AdminApi
-from proxy.server.flow_detail import FlowDetails
 from proxy.server.forward import CertificateAuthority, Connector, ForwardService, Resolver
 from proxy.server.forward_connect import ConnectHandler
 from proxy.server.forward_front import ForwardFront
@@ -36,21 +35,12 @@ from proxy.server.guard import GuardedAppRunner, assert_c_parser, install_log_re
 from proxy.server.holding import Holding
 from proxy.server.identity_http import HttpFetcher, IdentityGate
 from proxy.server.masked_relay import MaskingService
+from proxy.server.recording_setup import flow_details, open_recording
 from proxy.server.recording_tap import RecordingTap
 from proxy.state import ensure_state_dir, load_or_create_admin_token
 
 log = logging.getLogger("sluice.runtime")
 SWITCH_INTERVAL = 0.0005
-RECORDING_KEY_FILE = "recording-signing.pem"
-#: Events that become records of their own (requests are recorded by the forwarder).
-RECORDED_EVENTS = (
-    "approval.requested",
-    "approval.decided",
-    "approval.expired",
-    "approval.withdrawn",
-    "config.reloaded",
-    "config.reload_failed",
-)
 
 
 @dataclass
@@ -144,7 +134,10 @@ class ProxyRuntime:
             emit=lambda kind, summary: self.bus.publish(kind, **summary),
             learn=self._learn,
         )
-        self.tap = await self._open_recording(config)
+        recording = await open_recording(config, self.state_dir, self.bus)
+        if recording is not None:
+            self.recorder, self.recorder_supervisor = recording.recorder, recording.supervisor
+            self.tap = recording.tap
         self.masking = MaskingService(self.state_dir)
         self.masking.masker(config)  # compile the rules before the first request needs them
         self.holding = Holding(self.desk, self._fetch_session, self._preview_mask)
@@ -215,7 +208,7 @@ class ProxyRuntime:
             status=self._status,
             gate=self.gate,
             desk=self.desk,
-            details=self._flow_details(config),
+            details=flow_details(config, self.state_dir, self.tap, self._details_masker),
         )
         admin_runner = GuardedAppRunner(self.admin.make_app(), guard=guard, **handler_options)
         await admin_runner.setup()
@@ -322,50 +315,12 @@ class ProxyRuntime:
             "dropped_subscribers": self.bus.dropped_subscribers,
         }
 
-    async def _open_recording(self, config: Config) -> RecordingTap | None:
-        """The recorder, opened before the first listener: a proxy that cannot record
-        answers 503 to everything rather than forwarding unrecorded."""
-        settings = config.recording
-        if not settings.enabled:
+    def _details_masker(self) -> Masker | None:
+        """Request bodies served to consoles are masked like responses (current rules)."""
+        current = self.holder.current
+        if self.masking is None or not current.masking.enabled:
             return None
-        self.recorder = Recorder(
-            self.state_dir / settings.directory,
-            self.state_dir / RECORDING_KEY_FILE,
-            rotate_bytes=settings.rotate_size,
-            rotate_seconds=settings.rotate_age,
-            retention_seconds=settings.retention,
-            checkpoint_every=settings.checkpoint_every,
-            checkpoint_seconds=settings.checkpoint_interval,
-            max_inline_body=settings.max_inline_body,
-            oversize=settings.oversize,
-            redact_headers=settings.redact_headers,
-        )
-        self.recorder.on_state_change(
-            lambda state, reason: self.bus.publish("recorder.state", state=state, reason=reason)
-        )
-        # Failing to open leaves it failed (every request gets 503) and retried in the
-        # background, as is a recorder that fails later: the disk may come back.
-        self.recorder_supervisor = RecorderSupervisor(
-            self.recorder, first_delay=settings.retry_interval
-        )
-        await self.recorder_supervisor.start()
-        tap = RecordingTap(self.recorder, self.bus, settings.capture_limit)
-        self.bus.add_listener(lambda event: tap.note(event.type, **event.data), RECORDED_EVENTS)
-        return tap
-
-    def _flow_details(self, config: Config) -> FlowDetails | None:
-        """Bodies for consoles come from the recording; without one there are none."""
-        tap = self.tap
-        if tap is None:
-            return None
-
-        def masker() -> Masker | None:
-            current = self.holder.current
-            if self.masking is None or not current.masking.enabled:
-                return None
-            return self.masking.masker(current)
-
-        return FlowDetails(self.state_dir / config.recording.directory, tap.flush, masker)
+        return self.masking.masker(current)
 
     def _preview_mask(self, data: bytes) -> bytes:
         """Approvers see a body preview with its secrets masked, like the agent would."""
