@@ -206,6 +206,15 @@ def _semantic_issues(model: ConfigModel, file: str, lines: KeyLines) -> list[Con
     for index, target in enumerate(model.targets):
         if target.credential and target.credential not in model.credentials:
             add(("targets", index, "credential"), f"unknown credential {target.credential!r}")
+    for index, entry in enumerate(model.egress):
+        if entry.credential and entry.credential not in model.credentials:
+            add(("egress", index, "credential"), f"unknown credential {entry.credential!r}")
+        if entry.credential and entry.tls == "passthrough":
+            add(
+                ("egress", index, "credential"),
+                "a passthrough tunnel is opaque: Sluice cannot sign in inside it "
+                '(use tls = "intercept")',
+            )
     for name, credential in model.credentials.items():
         if isinstance(credential, StaticCredentialModel) and (credential.env is None) == (
             credential.file is None

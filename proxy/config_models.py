@@ -265,6 +265,9 @@ class EgressModel(_Section):
     #: Reach loopback/private/link-local addresses for these hosts (tests, internal services).
     allow_private: bool = False
     masking: TargetMasking = TargetMasking()
+    #: Sluice signs in to these hosts on the agent's behalf (intercept only): the agent's
+    #: own header of that name is dropped, so it never needs to hold the secret.
+    credential: str | None = None
 
     @property
     def hosts(self) -> list[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import ssl
 import tomllib
@@ -42,6 +43,7 @@ from forward_support import (
 from helpers import admin_token, parse_raw_response, raw_exchange
 from yarl import URL
 
+from proxy.config import ConfigError, load_config
 from proxy.events import Event
 from proxy.masking.fakes import fake
 from proxy.server.forward import system_resolve
@@ -898,3 +900,60 @@ async def test_many_tunnels_at_once_and_nothing_left_open_after(tmp_path: Path) 
         assert not runtime.forward.tunnels and not runtime.connects.tasks
         main = runtime.listeners[0].runner.server
         assert main is not None and main.open_connections == 0  # type: ignore[attr-defined]
+
+
+async def test_an_egress_entry_signs_in_for_the_agent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent reaches the API without holding its token: Sluice injects it."""
+    secret = "api-" + os.urandom(12).hex()
+    monkeypatch.setenv("SLUICE_TEST_API_TOKEN", secret)
+
+    async def echo(request: web.Request) -> web.Response:  # reflects what it received
+        return web.json_response({"authorization": request.headers.get("Authorization")})
+
+    seen: list[Seen] = []
+    rules = [{"name": "api", "host": "repo.test", "method": "GET", "action": "allow"}]
+    egress = [
+        {"name": "api", "host": "repo.test", "allow_private": True, "credential": "api-token"}
+    ]
+    credentials = {
+        "api-token": {
+            "kind": "static",
+            "env": "SLUICE_TEST_API_TOKEN",
+            "header": "Authorization",
+            "format": "Bearer {token}",
+        }
+    }
+    path = write_forward_config(
+        tmp_path,
+        rules=rules,
+        egress=egress,
+        ca_bundle=bundle(tmp_path, UPSTREAM_CA),
+        extra={"credentials": credentials},
+    )
+    async with (
+        serve(recording_app(seen, echo), server_context(UPSTREAM_CA)) as up,
+        forward_proxy(path) as runtime,
+    ):
+        auth = f"Bearer {token(runtime)}"
+        status, _, body = await via_proxy(
+            runtime,
+            "GET",
+            f"https://repo.test:{up.port}/user",
+            auth=auth,
+            headers={"Authorization": "Bearer what-the-agent-had"},
+        )
+        assert status == 200
+        assert seen[0].headers["Authorization"] == f"Bearer {secret}"  # Sluice's, not the agent's
+        assert secret not in body.decode()  # echoed back: masked before the agent sees it
+    assert secret not in json.dumps(records(runtime.state_dir), default=str)
+
+
+async def test_a_passthrough_entry_cannot_carry_a_credential(tmp_path: Path) -> None:
+    egress = [{"name": "api", "host": "repo.test", "tls": "passthrough", "credential": "nope"}]
+    path = write_forward_config(tmp_path, rules=ALLOW_ALL, egress=egress)
+    with pytest.raises(ConfigError) as raised:
+        load_config(path)
+    text = str(raised.value)
+    assert "unknown credential 'nope'" in text and "passthrough tunnel is opaque" in text

@@ -268,7 +268,7 @@ class ForwardService:
             upstream=forward.base_url(),
             listen=None,
             preserve_host=False,
-            credential=None,
+            credential=model.credential if model is not None else None,
             masking=masking,
         )
 
