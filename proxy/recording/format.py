@@ -90,9 +90,16 @@ class Head(NamedTuple):
     masked: bool
 
 
+_CHECKED_KINDS: set[str] = set()
+
+
 def check_kind(kind: str) -> None:
+    if kind in _CHECKED_KINDS:  # a handful of kinds, checked once each
+        return
     if not isinstance(kind, str) or not _KIND.match(kind):
         raise ValueError(f"invalid record kind {kind!r}")
+    if len(_CHECKED_KINDS) < 256:
+        _CHECKED_KINDS.add(kind)
 
 
 def line_hash(line: bytes) -> str:
@@ -226,19 +233,23 @@ def redact_headers(
     headers: Any, names: Iterable[str] = (), secrets: Iterable[str] = ()
 ) -> list[list[str]]:
     """``[[name, value], ...]`` with credential headers and known secret values replaced."""
-    hidden = ALWAYS_REDACTED | {name.lower() for name in names}
+    extra = {name.lower() for name in names}
+    hidden = ALWAYS_REDACTED | extra if extra else ALWAYS_REDACTED
     secrets = [s for s in secrets if s]
     out: list[list[str]] = []
     for name, value in header_pairs(headers):
         if name.lower() in hidden:
             out.append([name, REDACTED])
         else:
-            out.append([name, _scrub(value, secrets)])
+            out.append([name, _scrub(value, secrets) if secrets else value])
     return out
 
 
 def redact_url(url: str, secrets: Iterable[str] = ()) -> str:
     """Drops a password from the userinfo and any known secret value from the URL."""
+    secrets = [s for s in secrets if s]
+    if "@" not in url:  # no userinfo: nothing for urlsplit to find (the common case)
+        return _scrub(url, secrets) if secrets else url
     try:
         parts = urlsplit(url)
         if parts.password is not None:
@@ -247,7 +258,7 @@ def redact_url(url: str, secrets: Iterable[str] = ()) -> str:
             url = urlunsplit(parts._replace(netloc=netloc))
     except ValueError:
         pass
-    return _scrub(url, [s for s in secrets if s])
+    return _scrub(url, secrets)
 
 
 # --------------------------------------------------------------------------- bodies

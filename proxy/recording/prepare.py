@@ -35,7 +35,7 @@ class FieldPreparer:
 
     def prepare(self, kind: str, fields: dict[str, Any]) -> tuple[dict[str, Any], bytes | None]:
         """``(fields ready to chain, body bytes to store as a blob or None)``."""
-        fields = dict(fields)
+        fields = dict(fields)  # the caller's dict is theirs
         injected = [str(name).lower() for name in fields.pop("injected", None) or ()]
         secrets = [str(value) for value in fields.pop("secret_values", None) or ()]
         for key in ("session", "request_id", "action"):
@@ -45,7 +45,7 @@ class FieldPreparer:
             fields["status"] = int(fields["status"])
         self._link_session(kind, fields)
         if "headers" in fields:
-            names = self.redact_headers.union(injected)
+            names = self.redact_headers.union(injected) if injected else self.redact_headers
             fields["headers"] = fmt.redact_headers(fields["headers"], names, secrets)
             if injected:
                 fields["injected"] = sorted(set(injected))

@@ -94,7 +94,7 @@ class RecordingTap:
             "url": url,
             "agent_url": agent_url,  # absolute, as the agent asked (HAR needs one)
             "client": client,
-            "headers": [list(pair) for pair in headers],
+            "headers": headers,  # the recorder copies (and redacts) them
             "secret_values": secret_values,
         }
         if body is not None:
@@ -149,7 +149,7 @@ class RecordingTap:
             "request_id": request_id,
             "session": session,
             "status": status,
-            "headers": [list(pair) for pair in headers],
+            "headers": headers,  # the recorder copies (and redacts) them
         }
         if capture is not None:
             fields["body"] = bytes(capture.data)
