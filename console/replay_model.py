@@ -89,10 +89,8 @@ def _tags(kind: str, data: Mapping[str, Any]) -> set[str]:
     tags: set[str] = set()
     if kind == fmt.DECISION and data.get("action") in fmt.DENIED_ACTIONS:
         tags.add("denied")
-    elif kind == "approval.requested" or (
-        kind == fmt.DECISION and data.get("action") in fmt.HELD_ACTIONS
-    ):
-        tags.add("held")
+    elif kind == fmt.DECISION and data.get("action") in fmt.HELD_ACTIONS:
+        tags.add("held")  # the request's first decision; approval records follow it
     elif kind == fmt.RESPONSE:
         if data.get("mask_spans"):
             tags.add("masked")
@@ -231,7 +229,7 @@ def fold(events: Sequence[Event], info: SessionInfo) -> dict[str, Any]:
                 rule=r.get("rule"),
                 reason=r.get("reason"),
                 code=r.get("code"),
-                state="decided",
+                state="held" if r.get("action") in fmt.HELD_ACTIONS else "decided",
             )
         elif kind == "approval.requested":
             for key in ("method", "target", "path", "query"):

@@ -366,13 +366,15 @@ async def test_a_session_is_recorded_in_order_privately_and_verifies(
     }
     for name, (action, status) in expected.items():
         flow = by_request(everything, s.request_ids[name])
+        held = ["decision"] if action == "approved" else []  # "held", before anyone decided
         assert [r["kind"] for r in flow if not r["kind"].startswith("approval.")] == [
             "request",
+            *held,
             "decision",
             "response",
         ], (name, [r["kind"] for r in flow])
         request = next(r for r in flow if r["kind"] == "request")
-        decision = next(r for r in flow if r["kind"] == "decision")
+        decision = [r for r in flow if r["kind"] == "decision"][-1]
         response = next(r for r in flow if r["kind"] == "response")
         assert request["seq"] < decision["seq"] < response["seq"]
         assert request["session"] == decision["session"] == response["session"] == s.session
@@ -388,15 +390,18 @@ async def test_a_session_is_recorded_in_order_privately_and_verifies(
     decided = next(r for r in approved if r["kind"] == "approval.decided")
     assert decided["state"] == "approved" and decided["decided_by"] == "local-operator"
     # the decision record itself says who approved, for how long it was held, and the scope
-    approval = next(r for r in approved if r["kind"] == "decision")
+    first, approval = (r for r in approved if r["kind"] == "decision")
+    assert first["action"] == "held" and first["seq"] < decided["seq"] < approval["seq"]
     assert approval["approver"] == "local-operator" and approval["scope"] == "once"
     assert approval["approval_id"] == decided["id"] and approval["held_ms"] >= 0
     refused = by_request(everything, s.request_ids["held-denied"])
     decided = next(r for r in refused if r["kind"] == "approval.decided")
     assert decided["state"] == "denied"
-    request, decision = (r for r in refused if r["kind"] in ("request", "decision"))
-    assert (request["kind"], decision["kind"]) == ("request", "decision")
-    assert decided["seq"] < request["seq"] < decision["seq"]
+    request, held, decision = (r for r in refused if r["kind"] in ("request", "decision"))
+    assert (request["kind"], held["kind"], decision["kind"]) == ("request", "decision", "decision")
+    # recorded before anyone decided, then how it ended
+    assert request["seq"] < held["seq"] < decided["seq"] < decision["seq"]
+    assert held["action"] == "held"
     assert decision["action"] == "denied" and decision["rule"] == "deploys"
     assert decision["approver"] == "local-operator" and decision["held_ms"] >= 0
     answer = next(r for r in refused if r["kind"] == "response")  # what the agent received
@@ -477,7 +482,7 @@ async def test_har_export_holds_the_masked_bodies(
     approved = entries[s.request_ids["approved"]]
     assert approved["request"]["method"] == "POST"
     assert approved["request"]["postData"]["text"] == DEPLOY_BODY.decode()
-    assert [d["action"] for d in approved["_sluice"]["decisions"]] == ["approved"]
+    assert [d["action"] for d in approved["_sluice"]["decisions"]] == ["held", "approved"]
 
 
 @pytest.mark.asyncio
@@ -706,10 +711,12 @@ async def test_a_failed_recorder_refuses_and_forwards_nothing(
         changes = [e.data for e in stack.events if e.type == "recorder.state"]
         assert changes and changes[-1]["state"] == "failed", changes
         assert "ENOSPC" in changes[-1]["reason"]
-        # not even a request a person approves goes through while the recorder is down
-        approved = await stack.held("/api/deploy/x", "approve")
-        assert approved.status == 503, approved.body
-        assert approved.json["error"] == "recording_unavailable"
+        # a request that would wait for a person is refused before anyone is asked: it
+        # could not be recorded, so no approval could let it through
+        held = await stack.send("/api/deploy/x", method="POST", body=DEPLOY_BODY)
+        assert held.status == 503, held.body
+        assert held.json["error"] == "recording_unavailable"
+        assert (await stack.admin_get("/api/approvals"))["approvals"] == []
         assert len(upstream.seen) == before
     monkeypatch.setattr(writer_module, "_write", real_write)
 

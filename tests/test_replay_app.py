@@ -105,7 +105,7 @@ async def test_a_directory_opens_the_browser_then_the_session_at_its_end() -> No
         store = screen.store
         assert store.position == len(screen.timeline) - 1 and store.visible_count == 11
         assert "VERIFIED and signed" in screen.query_one(IntegrityBanner).text.plain
-        assert "event 36/36" in screen.query_one("#replay-header").lines.plain
+        assert "event 37/37" in screen.query_one("#replay-header").lines.plain
 
 
 async def test_stepping_moves_the_playhead_and_the_selection() -> None:

@@ -61,7 +61,7 @@ def test_the_playhead_shows_each_flow_as_it_stood_then() -> None:
     assert decision_label(flow)[0] == "held for approval"
     store.move_to(len(timeline) - 1)
     assert decision_label(flow)[0] == "denied by local-operator"
-    store.move_to(held - 1)
+    store.move_to(timeline.first_pos(flow.request_id) - 1)  # just before its request
     assert not flow.shown and store.visible_count == 4
     recording.close()
 

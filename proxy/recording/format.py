@@ -54,6 +54,7 @@ FILE_START_KINDS = frozenset({FILE_START, CHAIN_RESET})
 ALWAYS_REDACTED = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie"})
 #: Decision ``action`` values counted as denied / held in summaries.
 DENIED_ACTIONS = frozenset({"deny", "denied", "reject", "rejected", "expire", "expired"})
+#: A held request's first decision record says "held" (a second says how it ended).
 HELD_ACTIONS = frozenset({"hold", "held"})
 
 HEAD_KEYS = ("v", "seq", "ts", "prev", "kind")

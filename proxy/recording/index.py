@@ -25,7 +25,7 @@ from typing import Any
 from proxy.recording import format as fmt
 from proxy.recording.files import iter_lines, write_new_private
 
-MAGIC = b"SLUICE-IDX\x00\x02"  # bumped when what is counted changes: old caches rebuild
+MAGIC = b"SLUICE-IDX\x00\x03"  # bumped when what is counted changes: old caches rebuild
 _ARRAYS = ("offsets", "seqs", "tsmax", "session_ptr", "session_rows", "request_ptr", "request_rows")
 _COUNTS = ("records", "requests", "responses", "decisions", "denied", "held", "masked", "errors")
 
@@ -132,8 +132,6 @@ def _counted(kind: str, head: fmt.Head) -> tuple[str, ...]:
         return ("decisions",)
     if kind == fmt.ERROR:
         return ("errors",)
-    if kind == fmt.APPROVAL_REQUESTED:  # a held request; its final decision says how it ended
-        return ("held",)
     return ()
 
 

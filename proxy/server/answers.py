@@ -52,6 +52,25 @@ class Refusal(Exception):
         self.extra = extra or {}
 
 
+def _decision_fields(decision: Decision, label: str) -> dict[str, Any]:
+    return {
+        "action": label,
+        "rule": decision.rule,
+        "reason": decision.reason,
+        "code": decision.code,
+        **(decision.approval or {}),
+    }
+
+
+def _unrecorded(exc: RecordingRefused) -> Refusal:
+    log.error("recording unavailable, refusing request: %s", exc.reason)
+    return Refusal(
+        503,
+        "recording_unavailable",
+        "the session recorder cannot write; nothing is forwarded unrecorded",
+    )
+
+
 class Answers:
     """Sluice's own answers (denials, refusals) and the records of every answer."""
 
@@ -90,22 +109,24 @@ class Answers:
                 headers=request.headers.items(),
                 body=body,
                 streamed=body is None and request.body_exists,
-                decision={
-                    "action": label,
-                    "rule": decision.rule,
-                    "reason": decision.reason,
-                    "code": decision.code,
-                    **(decision.approval or {}),
-                },
+                decision=_decision_fields(decision, label),
                 secret_values=[],
             )
         except RecordingRefused as exc:
-            log.error("recording unavailable, refusing request: %s", exc.reason)
-            raise Refusal(
-                503,
-                "recording_unavailable",
-                "the session recorder cannot write; nothing is forwarded unrecorded",
-            ) from None
+            raise _unrecorded(exc) from None
+
+    async def record_decision(
+        self, request_id: str, session: str, decision: Decision, label: str
+    ) -> None:
+        """How a held request ended (approved, denied, expired): durable before it goes on."""
+        if self.tap is None:
+            return
+        try:
+            await self.tap.decision(
+                request_id=request_id, session=session, decision=_decision_fields(decision, label)
+            )
+        except RecordingRefused as exc:
+            raise _unrecorded(exc) from None
 
     def record_answer(
         self, request_id: str, session: str, response: web.Response, error: str | None = None

@@ -217,9 +217,16 @@ class ConnectHandler:
         if mode != "passthrough":
             return "intercepted"
         if decision.action is Action.APPROVE:
-            return await hold_connect(
-                self.desk, self.bus, job, decision, target, authority, identity
-            )
+            # recorded before anyone decides, like a held request
+            await self._record(job, target, authority, decision, "held")
+            try:
+                return await hold_connect(
+                    self.desk, self.bus, job, decision, target, authority, identity
+                )
+            except ConnectRefused as refused:
+                ended = Decision(Action.DENY, decision.rule, refused.reason, refused.error)
+                await self._record(job, target, authority, ended, refused.decision)
+                raise
         return "allowed"
 
     async def _record(
@@ -228,7 +235,19 @@ class ConnectHandler:
         """Durable before anything is connected to (or refused): no record, no tunnel."""
         if self.tap is None or job.identity is None:
             return
+        fields = {
+            "action": label,
+            "rule": decision.rule,
+            "reason": decision.reason,
+            "code": decision.code,
+        }
         try:
+            if job.recorded:  # held first: only how it ended is new
+                await self.tap.decision(
+                    request_id=job.request_id, session=job.identity.session, decision=fields
+                )
+                return
+            job.recorded = True
             await self.tap.request(
                 identity=job.identity,
                 request_id=job.request_id,
@@ -240,12 +259,7 @@ class ConnectHandler:
                 headers=job.head.headers,
                 body=None,
                 streamed=False,
-                decision={
-                    "action": label,
-                    "rule": decision.rule,
-                    "reason": decision.reason,
-                    "code": decision.code,
-                },
+                decision=fields,
                 secret_values=[],
             )
         except RecordingRefused:

@@ -63,6 +63,8 @@ class Connect:
     request_id: str
     started: float
     identity: Identity | None = None
+    #: The CONNECT's request record is written (a hold records it before waiting).
+    recorded: bool = False
 
 
 async def hold_connect(

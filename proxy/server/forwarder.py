@@ -52,6 +52,23 @@ def _client_timeout(connect: float, read: float) -> aiohttp.ClientTimeout:
     return aiohttp.ClientTimeout(total=None, connect=connect, sock_read=read)
 
 
+def _ended(refused: HoldRefused) -> Decision:
+    """A held request's end as a decision (with who decided, when a person did)."""
+    return Decision(Action.DENY, refused.rule, refused.reason, refused.error, refused.approval)
+
+
+def _held_refusal(refused: HoldRefused) -> Refusal:
+    return Refusal(
+        refused.status,
+        refused.error,
+        refused.reason,
+        rule=refused.rule,
+        decision=refused.decision,
+        extra=refused.extra,
+        headers={"Retry-After": "30"} if refused.status == 429 else None,
+    )
+
+
 class Forwarder:
     def __init__(
         self,
@@ -179,7 +196,8 @@ class Forwarder:
         )
         decision, body = await self._decide(request, config, facts, identity.session)
         label = _LABELS[decision.action]
-        if decision.action is Action.APPROVE:
+        held = decision.action is Action.APPROVE
+        if held:
             bus.publish(
                 "request.held",
                 request_id=request_id,
@@ -188,26 +206,34 @@ class Forwarder:
                 reason=decision.reason,
                 code="held",
             )
+            # Recorded before anyone decides, with the body a person will judge: a crash
+            # while it waits still leaves the request in the recording.
+            try:
+                body = await self.holding.read_body(request, config, decision, body)
+            except HoldRefused as refused:
+                await self.answers.record_request(
+                    request,
+                    identity,
+                    where,
+                    body,
+                    request_id,
+                    _ended(refused),
+                    refused.decision,
+                    fwd,
+                )
+                raise _held_refusal(refused) from None
+            await self.answers.record_request(
+                request, identity, where, body, request_id, decision, "held", fwd
+            )
             try:
                 decision, body = await self.holding.resolve(
                     request, config, facts, identity, decision, body, request_id
                 )
             except HoldRefused as refused:
-                held_decision = Decision(
-                    Action.DENY, refused.rule, refused.reason, refused.error, refused.approval
+                await self.answers.record_decision(
+                    request_id, identity.session, _ended(refused), refused.decision
                 )
-                await self.answers.record_request(
-                    request, identity, where, body, request_id, held_decision, refused.decision, fwd
-                )
-                raise Refusal(
-                    refused.status,
-                    refused.error,
-                    refused.reason,
-                    rule=refused.rule,
-                    decision=refused.decision,
-                    extra=refused.extra,
-                    headers={"Retry-After": "30"} if refused.status == 429 else None,
-                ) from None
+                raise _held_refusal(refused) from None
             label = "approved"
         if fwd is not None and decision.allowed:  # under this request's rule, after approval
             fwd, decision, label = await self._check_destination(config, fwd, decision, label)
@@ -219,9 +245,12 @@ class Forwarder:
             reason=decision.reason,
             code=decision.code,
         )
-        await self.answers.record_request(
-            request, identity, where, body, request_id, decision, label, fwd
-        )
+        if held:
+            await self.answers.record_decision(request_id, identity.session, decision, label)
+        else:
+            await self.answers.record_request(
+                request, identity, where, body, request_id, decision, label, fwd
+            )
         if not decision.allowed:
             response = self.answers.deny(request_id, started, decision)
             self.answers.record_answer(request_id, identity.session, response)

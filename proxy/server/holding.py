@@ -87,20 +87,11 @@ class Holding:
         self.mask = mask
         self._notifications: set[asyncio.Task[None]] = set()
 
-    async def resolve(
-        self,
-        request: web.Request,
-        config: Config,
-        facts: Facts,
-        identity: Identity,
-        decision: Decision,
-        body: bytes | None,
-        request_id: str,
-    ) -> tuple[Decision, bytes]:
-        """Wait for a human; return an allow decision and the exact body that was held."""
+    async def read_body(
+        self, request: web.Request, config: Config, decision: Decision, body: bytes | None
+    ) -> bytes:
+        """The whole body a person will judge (and the recording keeps), within limits."""
         settings = config.approvals
-        self.desk.max_pending = settings.max_pending  # follow reloads
-        self.desk.retry_window = settings.retry_window
         if body is not None and len(body) > settings.max_body:
             raise HoldRefused(
                 403,
@@ -126,6 +117,23 @@ class Holding:
                 raise HoldRefused(
                     408, "body_timeout", "request body was not received in time", decision="refused"
                 ) from None
+        return body
+
+    async def resolve(
+        self,
+        request: web.Request,
+        config: Config,
+        facts: Facts,
+        identity: Identity,
+        decision: Decision,
+        body: bytes | None,
+        request_id: str,
+    ) -> tuple[Decision, bytes]:
+        """Wait for a human; return an allow decision and the exact body that was held."""
+        settings = config.approvals
+        self.desk.max_pending = settings.max_pending  # follow reloads
+        self.desk.retry_window = settings.retry_window
+        body = await self.read_body(request, config, decision, body)
         target = facts.target or ""
         # Forward requests share target names across hosts: the destination is bound too.
         bound = target if facts.port is None else f"{target}@{facts.host}:{facts.port}"

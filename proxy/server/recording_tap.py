@@ -131,6 +131,18 @@ class RecordingTap:
                     future.exception()
             raise RecordingRefused(str(exc)) from None
 
+    async def decision(self, *, request_id: str, session: str, decision: dict[str, Any]) -> None:
+        """A later decision on a recorded request (a person's, after a hold): durable
+        before the request goes on, like the first."""
+        if self.recorder is None:
+            return
+        try:
+            await self.recorder.submit(
+                "decision", request_id=request_id, session=session, **decision
+            )
+        except RecorderUnavailable as exc:
+            raise RecordingRefused(str(exc)) from None
+
     def response(
         self,
         *,
