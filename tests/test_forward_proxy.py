@@ -569,6 +569,19 @@ async def test_a_passthrough_connect_can_be_held_for_a_person(tmp_path: Path, ve
         else:
             assert reply.status == 403 and json.loads(reply.body)["code"] == "approval_denied"
             assert connector.attempts == []
+    # recorded before anyone decided, then how it ended, then what the agent got
+    written = [
+        r for r in records(runtime.state_dir) if r.get("request_id") == pending[0]["request_id"]
+    ]
+    kinds = [r["kind"] for r in written if not r["kind"].startswith("approval.")]
+    actions = [r["action"] for r in written if r["kind"] == "decision"]
+    if verdict == "approve":
+        assert kinds[:3] == ["request", "decision", "decision"], kinds
+        assert actions == ["held", "approved"]
+    else:
+        assert kinds == ["request", "decision", "decision", "response"], kinds
+        assert actions == ["held", "denied"]
+        assert written[-1]["status"] == 403 and "error" not in written[-1]
 
 
 # --------------------------------------------------------------------------- hygiene

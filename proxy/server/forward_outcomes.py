@@ -26,6 +26,7 @@ from proxy.identity import Identity
 from proxy.policy import Decision
 from proxy.server.forward import Tunnel
 from proxy.server.forward_front import ConnectHead, ForwardFront
+from proxy.server.guard import error_body
 from proxy.server.recording_tap import RecordingTap
 
 PROXY_AUTHENTICATE = [
@@ -227,14 +228,33 @@ class Outcomes:
         )
         session = job.identity.session if job.identity else None
         if self.tap is not None and refused.error != "recording_unavailable" and session:
-            self.tap.note(
-                "error",
-                request_id=job.request_id,
-                session=session,
-                status=refused.status,
-                error=refused.error,
-                reason=refused.reason,
-            )
+            if job.recorded:  # the CONNECT is in the recording: so is the answer it got
+                capture = self.tap.capture()
+                if capture is not None:
+                    capture.add(
+                        error_body(
+                            refused.error, refused.reason, request_id=job.request_id, **extra
+                        )
+                    )
+                self.tap.response(
+                    request_id=job.request_id,
+                    session=session,
+                    status=refused.status,
+                    headers=[("Content-Type", "application/json"), *headers],
+                    capture=capture,
+                    error=None
+                    if refused.decision in ("denied", "expired", "withdrawn")
+                    else refused.error,
+                )
+            else:
+                self.tap.note(
+                    "error",
+                    request_id=job.request_id,
+                    session=session,
+                    status=refused.status,
+                    error=refused.error,
+                    reason=refused.reason,
+                )
         self.bus.publish(
             "request.completed",
             request_id=job.request_id,
