@@ -20,6 +20,11 @@ from typing import Any
 CURRENT_SESSION: ContextVar[str | None] = ContextVar("sluice_session", default=None)
 
 
+def elapsed_ms(started: float) -> float:
+    """Milliseconds since ``started`` (a ``time.perf_counter()`` value), as events carry them."""
+    return round((time.perf_counter() - started) * 1000, 3)
+
+
 @dataclass(frozen=True, slots=True)
 class Event:
     seq: int

@@ -8,28 +8,21 @@ included. A refusal before that point is recorded as an error of its own.
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 from aiohttp import web
 
-from proxy.events import CURRENT_SESSION, EventBus
+from proxy.events import CURRENT_SESSION, EventBus, elapsed_ms
 from proxy.identity import Identity
 from proxy.policy import Decision
 from proxy.server.forward import ForwardRequest
 from proxy.server.forward_outcomes import PROXY_AUTHENTICATE
 from proxy.server.guard import error_response
-from proxy.server.recording_tap import RecordingRefused, RecordingTap
+from proxy.server.recording_tap import RecordingRefused, RecordingTap, decision_fields
 from proxy.server.requestcheck import RequestTarget
 
 log = logging.getLogger("sluice.forwarder")
-#: Refusals that are somebody's decision (a person, a deadline, the agent leaving).
-_DECIDED = frozenset({"denied", "expired", "withdrawn"})
 _RECORDED = web.RequestKey("sluice_recorded_session", str)  # the request's record is written
-
-
-def _ms(started: float) -> float:
-    return round((time.perf_counter() - started) * 1000, 3)
 
 
 class Refusal(Exception):
@@ -50,16 +43,6 @@ class Refusal(Exception):
         self.status, self.error, self.reason = status, error, reason
         self.rule, self.decision, self.headers = rule, decision, headers or {}
         self.extra = extra or {}
-
-
-def _decision_fields(decision: Decision, label: str) -> dict[str, Any]:
-    return {
-        "action": label,
-        "rule": decision.rule,
-        "reason": decision.reason,
-        "code": decision.code,
-        **(decision.approval or {}),
-    }
 
 
 def _unrecorded(exc: RecordingRefused) -> Refusal:
@@ -109,7 +92,7 @@ class Answers:
                 headers=request.headers.items(),
                 body=body,
                 streamed=body is None and request.body_exists,
-                decision=_decision_fields(decision, label),
+                decision=decision_fields(decision, label),
                 secret_values=[],
             )
         except RecordingRefused as exc:
@@ -123,25 +106,19 @@ class Answers:
             return
         try:
             await self.tap.decision(
-                request_id=request_id, session=session, decision=_decision_fields(decision, label)
+                request_id=request_id, session=session, decision=decision_fields(decision, label)
             )
         except RecordingRefused as exc:
             raise _unrecorded(exc) from None
 
-    def record_answer(
-        self, request_id: str, session: str, response: web.Response, error: str | None = None
-    ) -> None:
+    def record_answer(self, request_id: str, session: str, response: web.Response) -> None:
         if self.tap is not None:
-            capture = self.tap.capture()
-            if capture is not None and response.body is not None:
-                capture.add(bytes(response.body))
-            self.tap.response(
+            self.tap.answered(
                 request_id=request_id,
                 session=session,
                 status=response.status,
                 headers=response.headers.items(),
-                capture=capture,
-                error=error,
+                body=bytes(response.body or b""),
             )
 
     def deny(self, request_id: str, started: float, decision: Decision) -> web.Response:
@@ -161,7 +138,7 @@ class Answers:
             decision="denied",
             rule=decision.rule,
             bytes_out=len(response.body),
-            duration_ms=_ms(started),
+            duration_ms=elapsed_ms(started),
         )
         return response
 
@@ -184,17 +161,16 @@ class Answers:
         if refusal.status == 407:
             for name, value in PROXY_AUTHENTICATE:
                 response.headers.add(name, value)
-        recorded = request.get(_RECORDED)
-        if recorded is not None and refusal.error != "recording_unavailable":
-            # a person's (or a deadline's) denial is an answer, not a failure
-            failure = None if refusal.decision in _DECIDED else refusal.error
-            self.record_answer(request_id, recorded, response, error=failure)
-        elif self.tap is not None and refusal.error != "recording_unavailable":
-            self.tap.note(
-                "error",
+        if self.tap is not None and refusal.error != "recording_unavailable":
+            recorded = request.get(_RECORDED)
+            self.tap.refused(
                 request_id=request_id,
-                session=CURRENT_SESSION.get(),
+                session=recorded if recorded is not None else CURRENT_SESSION.get(),
+                recorded=recorded is not None,
                 status=refusal.status,
+                headers=response.headers.items(),
+                body=bytes(response.body or b""),
+                decision=refusal.decision,
                 error=refusal.error,
                 reason=refusal.reason,
             )
@@ -207,6 +183,6 @@ class Answers:
             code=refusal.error,
             reason=refusal.reason,
             bytes_out=len(response.body),
-            duration_ms=_ms(started),
+            duration_ms=elapsed_ms(started),
         )
         return response

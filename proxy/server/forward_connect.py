@@ -37,7 +37,7 @@ from proxy.server.forward_outcomes import (
 )
 from proxy.server.forward_tunnel import Pipe
 from proxy.server.identity_http import IdentityGate
-from proxy.server.recording_tap import RecordingRefused, RecordingTap
+from proxy.server.recording_tap import RecordingRefused, RecordingTap, decision_fields
 
 log = logging.getLogger("sluice.forward")
 
@@ -235,12 +235,7 @@ class ConnectHandler:
         """Durable before anything is connected to (or refused): no record, no tunnel."""
         if self.tap is None or job.identity is None:
             return
-        fields = {
-            "action": label,
-            "rule": decision.rule,
-            "reason": decision.reason,
-            "code": decision.code,
-        }
+        fields = decision_fields(decision, label)
         try:
             if job.recorded:  # held first: only how it ended is new
                 await self.tap.decision(

@@ -202,17 +202,17 @@ class ForwardFront(asyncio.Protocol):
         reason: str,
         headers: list[tuple[str, str]] | None = None,
         **extra: object,
-    ) -> int:
-        """Answer with Sluice's JSON and close; returns the bytes written."""
+    ) -> bytes:
+        """Answer with Sluice's JSON and close; returns the body the agent was sent."""
         self._cancel_timer()
         self.state = "closed"
         body = error_body(error, reason, **extra)
         if self.transport is None or self.transport.is_closing():
-            return 0
+            return b""
         data = raw_answer(status, body, headers)
         self.transport.write(data)
         self.transport.close()
-        return len(body)
+        return body
 
     def eof_received(self) -> bool:
         return False

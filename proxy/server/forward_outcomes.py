@@ -21,22 +21,17 @@ from proxy.approvals import (
 )
 from proxy.config import Config
 from proxy.egress import Authority
-from proxy.events import EventBus
+from proxy.events import EventBus, elapsed_ms
 from proxy.identity import Identity
 from proxy.policy import Decision
 from proxy.server.forward import Tunnel
 from proxy.server.forward_front import ConnectHead, ForwardFront
-from proxy.server.guard import error_body
 from proxy.server.recording_tap import RecordingTap
 
 PROXY_AUTHENTICATE = [
     ("Proxy-Authenticate", 'Basic realm="sluice"'),
     ("Proxy-Authenticate", 'Bearer realm="sluice"'),
 ]
-
-
-def ms(started: float) -> float:
-    return round((time.perf_counter() - started) * 1000, 3)
 
 
 class ConnectRefused(Exception):
@@ -176,7 +171,7 @@ class Outcomes:
     def tunnel_closed(
         self, job: Connect, tunnel: Tunnel, label: str, mode: str, **counts: int
     ) -> None:
-        duration = ms(job.started)
+        duration = elapsed_ms(job.started)
         self.bus.publish(
             "request.completed",
             request_id=job.request_id,
@@ -210,7 +205,7 @@ class Outcomes:
             error=reason,
             upstream_error="client_tls_failed",
             bytes_out=0,
-            duration_ms=ms(job.started),
+            duration_ms=elapsed_ms(job.started),
         )
 
     def refuse(self, job: Connect, refused: ConnectRefused) -> None:
@@ -228,33 +223,17 @@ class Outcomes:
         )
         session = job.identity.session if job.identity else None
         if self.tap is not None and refused.error != "recording_unavailable" and session:
-            if job.recorded:  # the CONNECT is in the recording: so is the answer it got
-                capture = self.tap.capture()
-                if capture is not None:
-                    capture.add(
-                        error_body(
-                            refused.error, refused.reason, request_id=job.request_id, **extra
-                        )
-                    )
-                self.tap.response(
-                    request_id=job.request_id,
-                    session=session,
-                    status=refused.status,
-                    headers=[("Content-Type", "application/json"), *headers],
-                    capture=capture,
-                    error=None
-                    if refused.decision in ("denied", "expired", "withdrawn")
-                    else refused.error,
-                )
-            else:
-                self.tap.note(
-                    "error",
-                    request_id=job.request_id,
-                    session=session,
-                    status=refused.status,
-                    error=refused.error,
-                    reason=refused.reason,
-                )
+            self.tap.refused(
+                request_id=job.request_id,
+                session=session,
+                recorded=job.recorded,
+                status=refused.status,
+                headers=[("Content-Type", "application/json"), *headers],
+                body=sent,
+                decision=refused.decision,
+                error=refused.error,
+                reason=refused.reason,
+            )
         self.bus.publish(
             "request.completed",
             request_id=job.request_id,
@@ -263,6 +242,6 @@ class Outcomes:
             rule=refused.rule,
             code=refused.error,
             reason=refused.reason,
-            bytes_out=sent,
-            duration_ms=ms(job.started),
+            bytes_out=len(sent),
+            duration_ms=elapsed_ms(job.started),
         )

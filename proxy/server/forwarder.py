@@ -20,7 +20,7 @@ from aiohttp import web
 
 from proxy.config import Config, TargetModel
 from proxy.credentials import CredentialUnavailable, Injected
-from proxy.events import CURRENT_SESSION, EventBus
+from proxy.events import CURRENT_SESSION, EventBus, elapsed_ms
 from proxy.headers import forwarded_headers, request_headers_for_upstream
 from proxy.identity import Identity, IdentityError, KeysUnavailable
 from proxy.matcher import Facts, headers_for_facts
@@ -280,7 +280,7 @@ class Forwarder:
                 status=response.status,
                 headers=response.headers.items(),
                 capture=capture,
-                duration_ms=round((time.perf_counter() - started) * 1000, 3),
+                duration_ms=elapsed_ms(started),
             )
         return response
 

@@ -15,10 +15,26 @@ from typing import Any
 
 from proxy.events import EventBus
 from proxy.identity import Identity
+from proxy.policy import Decision
 from proxy.recording import Recorder, RecorderUnavailable
 from proxy.recording.format import REQUEST_BODY
 
 log = logging.getLogger("sluice.recording")
+
+
+#: Refusals that are somebody's decision (a person, a deadline, the agent leaving).
+DECIDED = frozenset({"denied", "expired", "withdrawn"})
+
+
+def decision_fields(decision: Decision, label: str) -> dict[str, Any]:
+    """A decision record's fields (with who decided, when a person did)."""
+    return {
+        "action": label,
+        "rule": decision.rule,
+        "reason": decision.reason,
+        "code": decision.code,
+        **(decision.approval or {}),
+    }
 
 
 class RecordingRefused(Exception):
@@ -49,6 +65,14 @@ class Capture:
     @property
     def truncated(self) -> bool:
         return self.size > len(self.data)
+
+    def body_fields(self) -> dict[str, Any]:
+        """The record fields for what was kept: the bytes, and where they were cut."""
+        fields: dict[str, Any] = {"body": bytes(self.data)}
+        if self.truncated:
+            fields["body_truncated_at"] = len(self.data)
+            fields["body_size"] = self.size
+        return fields
 
 
 class RecordingTap:
@@ -164,32 +188,79 @@ class RecordingTap:
             "headers": headers,  # the recorder copies (and redacts) them
         }
         if capture is not None:
-            fields["body"] = bytes(capture.data)
-            fields["mask_spans"] = [
-                span.as_dict() if hasattr(span, "as_dict") else span for span in capture.spans
-            ]
-            if capture.truncated:
-                fields["body_truncated_at"] = len(capture.data)
-                fields["body_size"] = capture.size
+            fields.update(capture.body_fields())
+            fields["mask_spans"] = capture.spans  # the recorder turns Spans into dicts
         if duration_ms is not None:
             fields["duration_ms"] = duration_ms  # from the request's arrival to its last byte
         if error:
             fields["error"] = error
         self._submit("response", fields)
 
+    def answered(
+        self,
+        *,
+        request_id: str,
+        session: str,
+        status: int,
+        headers: Iterable[tuple[str, str]],
+        body: bytes,
+        error: str | None = None,
+    ) -> None:
+        """An answer Sluice wrote itself (a denial, a refusal): recorded as the response."""
+        capture = self.capture()
+        if capture is not None:
+            capture.add(body)
+        self.response(
+            request_id=request_id,
+            session=session,
+            status=status,
+            headers=headers,
+            capture=capture,
+            error=error,
+        )
+
+    def refused(
+        self,
+        *,
+        request_id: str,
+        session: str | None,
+        recorded: bool,
+        status: int,
+        headers: Iterable[tuple[str, str]],
+        body: bytes,
+        decision: str,
+        error: str,
+        reason: str,
+    ) -> None:
+        """A refusal: the response of a request already recorded (a person's or a
+        deadline's denial is an answer, not a failure), else an error record of its own."""
+        if recorded and session is not None:
+            failure = None if decision in DECIDED else error
+            self.answered(
+                request_id=request_id,
+                session=session,
+                status=status,
+                headers=headers,
+                body=body,
+                error=failure,
+            )
+        else:
+            self.note(
+                "error",
+                request_id=request_id,
+                session=session,
+                status=status,
+                error=error,
+                reason=reason,
+            )
+
     def request_body(self, *, request_id: str, session: str, sent: Capture) -> None:
         """A body streamed to the upstream unread by policy: recorded once it has gone."""
         if self.recorder is None:
             return
-        fields: dict[str, Any] = {
-            "request_id": request_id,
-            "session": session,
-            "body": bytes(sent.data),
-        }
-        if sent.truncated:
-            fields["body_truncated_at"] = len(sent.data)
-            fields["body_size"] = sent.size
-        self._submit(REQUEST_BODY, fields)
+        self._submit(
+            REQUEST_BODY, {"request_id": request_id, "session": session, **sent.body_fields()}
+        )
 
     def note(self, kind: str, **fields: Any) -> None:
         """Config reloads and errors, recorded in the background."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +18,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from proxy.events import EventBus
+from proxy.events import EventBus, elapsed_ms
 from proxy.headers import response_headers_for_agent
 from proxy.masking.encodings import DecodeError
 from proxy.server.guard import error_response
@@ -118,10 +117,6 @@ def classify_upstream_error(exc: BaseException) -> UpstreamFailure:
     return UpstreamFailure(502, "upstream_error", "the upstream request failed")
 
 
-def _ms(started: float) -> float:
-    return round((time.perf_counter() - started) * 1000, 3)
-
-
 class Relay:
     """Streams one upstream response to the agent and reports how it ended."""
 
@@ -133,7 +128,7 @@ class Relay:
             "request.response_started",
             request_id=request_id,
             status=status,
-            upstream_ms=_ms(upstream_started),
+            upstream_ms=elapsed_ms(upstream_started),
         )
 
     def _completed(
@@ -145,7 +140,7 @@ class Relay:
             status=status,
             decision=label,
             bytes_out=sent,
-            duration_ms=_ms(started),
+            duration_ms=elapsed_ms(started),
             **extra,
         )
 
@@ -330,7 +325,7 @@ class Relay:
             error=failure.reason,
             upstream_error=failure.kind,
             bytes_out=sent,
-            duration_ms=_ms(started),
+            duration_ms=elapsed_ms(started),
         )
         return response
 
@@ -355,7 +350,7 @@ class Relay:
             error=failure.reason,
             upstream_error=failure.kind,
             bytes_out=len(response.body),
-            duration_ms=_ms(started),
+            duration_ms=elapsed_ms(started),
         )
         return response
 
