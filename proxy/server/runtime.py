@@ -15,6 +15,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from yarl import URL
 
 from proxy.approvals import ApprovalDesk, Held
 from proxy.config import Config, parse_host_port
@@ -217,15 +218,8 @@ class ProxyRuntime:
         )
         self._admin_runner = admin_runner
         if self.forward is not None:  # Sluice never forwards to itself, whatever a rule says
-            urls = [listener.url for listener in self.listeners] + [self.admin_url]
-            self.forward.own_endpoints = {
-                (
-                    url.rsplit(":", 1)[0].removeprefix("http://").strip("[]"),
-                    int(url.rsplit(":", 1)[1]),
-                )
-                for url in urls
-                if url
-            }
+            urls = [URL(listener.url) for listener in self.listeners] + [URL(self.admin_url)]
+            self.forward.own_endpoints = {(url.host or "", url.port or 0) for url in urls}
         if self.watch:
             self._watch_task = asyncio.create_task(
                 watch_config(self.holder, self.bus, self._stop_watch), name="config-watch"
