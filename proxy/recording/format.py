@@ -16,7 +16,11 @@ and ``sig``: Ed25519 over ``checkpoint_message(record)`` (the record without ``s
 sorted-key compact ASCII JSON, behind a domain-separation prefix).
 
 Because every line is canonical, any edit shows up as a line that does not re-encode to
-itself, or as a ``prev`` that no longer matches. This module does no I/O.
+itself, or as a ``prev`` that no longer matches. Lines are encoded with orjson (a tenth of
+the json module's cost, on every record the proxy writes); its output is the json
+module's compact form except for exponents (``1.5e-7`` for ``1.5e-07``), so a line either
+encoder produces from its record is canonical, and files written before orjson still
+verify. This module does no I/O.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit, urlunsplit
+
+import orjson
 
 FORMAT_VERSION = 1
 GENESIS = "0" * 64
@@ -111,6 +117,14 @@ def line_hash(line: bytes) -> str:
 def encode_record(record: Mapping[str, Any]) -> bytes:
     """The canonical line for a record (with its ``\\n``): re-encoding a parsed line is a no-op."""
     try:
+        return orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
+    except TypeError:  # what orjson refuses (lone surrogates, huge ints) json may still hold
+        return _json_line(record)
+
+
+def _json_line(record: Mapping[str, Any]) -> bytes:
+    """The json module's canonical line; raises for a value JSON cannot hold."""
+    try:
         text = json.dumps(record, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
         return text.encode("utf-8") + b"\n"
     except UnicodeEncodeError:  # lone surrogates (undecodable header bytes): escape them all
@@ -153,7 +167,7 @@ def parse_line(line: bytes) -> dict[str, Any] | None:
         return None
     if record["v"] != FORMAT_VERSION or not isinstance(record["seq"], int):
         return None
-    if encode_record(record) != line + b"\n":
+    if encode_record(record) != line + b"\n" and _json_line(record) != line + b"\n":
         return None
     return record
 

@@ -32,6 +32,7 @@ from typing import Any, Literal
 
 from proxy.recording import format as fmt
 from proxy.recording.disk import Disk
+from proxy.recording.disk_thread import DiskThread
 from proxy.recording.errors import RecorderUnavailable, RecordingCorrupt, safe_reason
 from proxy.recording.files import BLOBS_DIR, UnsafePath, file_name, write_all
 from proxy.recording.housekeeping import Housekeeper
@@ -112,7 +113,11 @@ class Recorder:
         self._durable: Position | None = None
         self._intro: tuple[str, dict[str, Any]] | None = None
         self._pending: list[_Item] = []
-        self._flusher: asyncio.Task[None] | None = None
+        self._committing: list[_Item] | None = None  # the batch the disk thread has
+        self._idle_waiters: list[asyncio.Future[None]] = []
+        self._seq_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._order_tail: asyncio.Future[Any] | None = None  # the last record held back
+        self._background: set[asyncio.Future[Any]] = set()
         self._lazy_kick: asyncio.TimerHandle | None = None
         self._housekeeper = Housekeeper(
             self,
@@ -121,7 +126,7 @@ class Recorder:
             retention_seconds=retention_seconds,
             clock=clock,
         )
-        self._io: ThreadPoolExecutor | None = None
+        self._io: DiskThread | None = None
         self._aux: ThreadPoolExecutor | None = None
         self._disk = Disk(self.directory, lambda fd, data: _write(fd, data))
 
@@ -161,12 +166,11 @@ class Recorder:
         """Create or repair the directory, then resume; durable before it returns."""
         if self._state != "closed":
             raise RuntimeError("recorder is already open")
-        self._io = ThreadPoolExecutor(1, thread_name_prefix="sluice-recorder")
+        self._io = DiskThread(asyncio.get_running_loop(), "sluice-recorder")
         self._aux = ThreadPoolExecutor(1, thread_name_prefix="sluice-recorder-aux")
-        loop = asyncio.get_running_loop()
         try:
-            self._signer, plan = await loop.run_in_executor(
-                self._io, open_directory, self.directory, self.signing_key_path, self._clock()
+            self._signer, plan = await self._io.call(
+                open_directory, self.directory, self.signing_key_path, self._clock()
             )
         except Exception as exc:
             self._shutdown_executors()
@@ -200,25 +204,76 @@ class Recorder:
         The proxy records three records per request; a task for each costs more CPU than
         the record itself. Raises ``RecorderUnavailable`` at once when the recorder is down.
         """
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._accept(kind, urgent, fields, future)
+        return future
+
+    def post(self, kind: str, *, urgent: bool = False, **fields: Any) -> None:
+        """A record nobody waits for (responses, notes, or one an urgent record follows).
+
+        A failure to write it is the recorder's: it fails, says why, and refuses what
+        comes next. Raises ``RecorderUnavailable`` at once when the recorder is down.
+        """
+        self._accept(kind, urgent, fields, None)
+
+    def _accept(
+        self,
+        kind: str,
+        urgent: bool,
+        fields: dict[str, Any],
+        future: asyncio.Future[int] | None,
+    ) -> None:
         fmt.check_kind(kind)
         if kind == fmt.CHECKPOINT or kind.startswith("recorder."):
             raise ValueError(f"record kind {kind!r} is reserved for the recorder")
         self._ensure_ok()
         prepared, big = self._fields.prepare(kind, fields)
-        if big is not None:  # a sidecar blob is written first, in the aux thread
-            return asyncio.ensure_future(self._submit_big(kind, prepared, big, urgent))
-        return self._queue(kind, prepared, urgent)
+        tail = self._order_tail
+        if big is None and (tail is None or tail.done()):
+            self._queue(kind, prepared, urgent, future)
+            return
+        # A sidecar blob is written first, in the aux thread; records accepted meanwhile
+        # wait behind it, so the file keeps the order they were accepted in.
+        later = asyncio.ensure_future(self._queue_later(tail, kind, prepared, big, urgent))
+        self._order_tail = later
+        if future is not None:
+            later.add_done_callback(lambda done: _settle(future, done))
+        else:
+            self._background.add(later)
+            later.add_done_callback(self._background_done)
 
-    async def _submit_big(
-        self, kind: str, prepared: dict[str, Any], big: bytes, urgent: bool
+    async def _queue_later(
+        self,
+        tail: asyncio.Future[Any] | None,
+        kind: str,
+        prepared: dict[str, Any],
+        big: bytes | None,
+        urgent: bool,
     ) -> int:
-        prepared["body"] = await self._store(big)
+        if tail is not None:
+            await asyncio.wait([tail])
+        if big is not None:
+            self._ensure_ok()
+            prepared["body"] = await self._store(big)
         self._ensure_ok()
-        return await self._queue(kind, prepared, urgent)
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._queue(kind, prepared, urgent, future)
+        return await future
 
-    def _queue(self, kind: str, prepared: dict[str, Any], urgent: bool) -> asyncio.Future[int]:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[int] = loop.create_future()
+    def _background_done(self, done: asyncio.Future[Any]) -> None:
+        self._background.discard(done)
+        if done.cancelled() or (error := done.exception()) is None:
+            return
+        reason = str(error) if isinstance(error, RecorderUnavailable) else type(error).__name__
+        log.warning("a background record was not written: %s", reason)
+
+    def _queue(
+        self,
+        kind: str,
+        prepared: dict[str, Any],
+        urgent: bool,
+        future: asyncio.Future[int] | None,
+    ) -> None:
         self._maybe_rotate(self._clock())
         self._enqueue(kind, prepared, future)
         assert self._pos is not None
@@ -227,8 +282,20 @@ class Recorder:
         if urgent:
             self._kick()
         elif self._lazy_kick is None:
-            self._lazy_kick = loop.call_later(LAZY_DELAY, self._kick)
-        return future
+            self._lazy_kick = asyncio.get_running_loop().call_later(LAZY_DELAY, self._kick)
+
+    async def flush(self) -> None:
+        """Until every record accepted so far is durable or has failed (never raises)."""
+        while self._order_tail is not None and not self._order_tail.done():
+            await asyncio.wait([self._order_tail])
+        if self._pos is None or (self._durable and self._durable.seq >= self._pos.seq):
+            return
+        if self._state != "ok" or not (self._pending or self._committing):
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._seq_waiters.append((self._pos.seq, waiter))
+        self._kick()
+        await waiter
 
     async def checkpoint(self) -> int | None:
         """Seal what is unsealed now; None if nothing was."""
@@ -249,11 +316,9 @@ class Recorder:
         if self._state == "closed" or self._durable is None:
             raise RecorderUnavailable("recorder is not open")
         await self._drain()
-        loop = asyncio.get_running_loop()
+        assert self._io is not None
         try:
-            truncated, broken = await loop.run_in_executor(
-                self._io, self._disk.cut_back, self._durable
-            )
+            truncated, broken = await self._io.call(self._disk.cut_back, self._durable)
         except Exception as exc:
             raise RecorderUnavailable(f"recovery failed: {safe_reason(exc)}") from None
         self._pos = self._durable
@@ -280,9 +345,9 @@ class Recorder:
             except RecorderUnavailable as exc:
                 error = exc
         await self._drain()
-        loop = asyncio.get_running_loop()
+        assert self._io is not None
         with contextlib.suppress(OSError):
-            await loop.run_in_executor(self._io, self._disk.close)
+            await self._io.call(self._disk.close)
         self._shutdown_executors()
         self._state, self.failure = "closed", None
         self._report("closed", None)
@@ -395,37 +460,62 @@ class Recorder:
         self._housekeeper.schedule_retention()
 
     def _kick(self) -> None:
+        """Group commit: everything queued while the last fsync ran goes in the next one."""
         if self._lazy_kick is not None:
             self._lazy_kick.cancel()
             self._lazy_kick = None
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.get_running_loop().create_task(self._flush())
+        if self._committing is not None or not self._pending:
+            return
+        if self._state != "ok":
+            self._fail(self.failure or "recorder failed", [])
+            return
+        batch, self._pending = self._pending, []
+        self._committing = batch
+        assert self._io is not None
+        self._io.post(self._disk.write_batch, batch, self._committed)
 
-    async def _drain(self) -> None:
-        if self._flusher is not None:
-            with contextlib.suppress(Exception):
-                await self._flusher
-
-    async def _flush(self) -> None:
-        """Group commit: everything queued while the last fsync ran goes in the next one."""
-        loop = asyncio.get_running_loop()
-        while self._pending:
-            if self._state != "ok":
-                self._fail(self.failure or "recorder failed", [])
-                return
-            batch, self._pending = self._pending, []
-            try:
-                await loop.run_in_executor(self._io, self._disk.write_batch, batch)
-            except Exception as exc:
-                reason = str(exc) if isinstance(exc, UnsafePath) else safe_reason(exc)
-                self._fail(f"write failed: {reason}", batch)
-                return
+    def _committed(self, _result: None, error: BaseException | None) -> None:
+        batch, self._committing = self._committing or [], None
+        if error is not None:
+            reason = str(error) if isinstance(error, UnsafePath) else safe_reason(error)
+            self._fail(f"write failed: {reason}", batch)
+        else:
             self._durable = batch[-1].pos
             self.stats.records += len(batch)
             self.stats.batches += 1
             for item in batch:
                 if item.future is not None and not item.future.done():
                     item.future.set_result(item.pos.seq)
+            self._kick()
+        self._wake_flushers()
+        if self._committing is None:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    async def _drain(self) -> None:
+        """Until the disk thread holds no batch and nothing is queued for it."""
+        while self._order_tail is not None and not self._order_tail.done():
+            await asyncio.wait([self._order_tail])
+        if self._pending and self._committing is None:
+            self._kick()
+        if self._committing is not None:
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._idle_waiters.append(waiter)
+            await waiter
+
+    def _wake_flushers(self) -> None:
+        durable = self._durable.seq if self._durable else 0
+        failed = self._state != "ok"
+        waiting = []
+        for seq, waiter in self._seq_waiters:
+            if failed or seq <= durable:
+                if not waiter.done():
+                    waiter.set_result(None)
+            else:
+                waiting.append((seq, waiter))
+        self._seq_waiters = waiting
 
     def _fail(self, reason: str, batch: list[_Item]) -> None:
         if self._state != "failed":
@@ -436,6 +526,7 @@ class Recorder:
             if item.future is not None and not item.future.done():
                 item.future.set_exception(error)
         self._pending = []
+        self._wake_flushers()
         self._report("failed", reason)
 
     def seal_if_idle(self, now: float) -> None:
@@ -455,7 +546,19 @@ class Recorder:
             self._kick()
 
     def _shutdown_executors(self) -> None:
-        for pool in (self._io, self._aux):
-            if pool is not None:
-                pool.shutdown(wait=True)
+        if self._io is not None:
+            self._io.stop()
+        if self._aux is not None:
+            self._aux.shutdown(wait=True)
         self._io = self._aux = None
+
+
+def _settle(future: asyncio.Future[int], done: asyncio.Future[int]) -> None:
+    if future.done():
+        return
+    if done.cancelled():
+        future.cancel()
+    elif (error := done.exception()) is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(done.result())

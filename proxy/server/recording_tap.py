@@ -7,7 +7,6 @@ unrecorded. Responses are recorded as the agent received them: masked, with thei
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -81,7 +80,6 @@ class RecordingTap:
         self.bus = bus
         self.capture_limit = capture_limit
         self._sessions: OrderedDict[str, None] = OrderedDict()
-        self._background: set[asyncio.Future[Any]] = set()
 
     @property
     def enabled(self) -> bool:
@@ -126,33 +124,25 @@ class RecordingTap:
         elif streamed:
             fields["body_streamed"] = True  # its bytes follow in a request.body record
             # (written after forwarding: a streamed body is not held back for the disk)
-        pending: list[asyncio.Future[int]] = []
         try:
             if identity.session not in self._sessions:
-                pending.append(
-                    recorder.submit(
-                        "session.start",
-                        session=identity.session,
-                        subject=identity.subject,
-                        groups=list(identity.groups),
-                        token_id=identity.token_id,
-                    )
+                recorder.post(
+                    "session.start",
+                    session=identity.session,
+                    subject=identity.subject,
+                    groups=list(identity.groups),
+                    token_id=identity.token_id,
                 )
                 self._sessions[identity.session] = None
                 while len(self._sessions) > 10000:
                     self._sessions.popitem(last=False)
-            pending.append(recorder.submit("request", **fields))
-            pending.append(
-                recorder.submit(
-                    "decision", request_id=request_id, session=identity.session, **decision
-                )
+            recorder.post("request", **fields)
+            # Records are written in order: the decision durable means all three are, and
+            # a failure to write any of them fails this one too.
+            await recorder.submit(
+                "decision", request_id=request_id, session=identity.session, **decision
             )
-            for future in pending:  # one group commit for all of them
-                await future
         except RecorderUnavailable as exc:
-            for future in pending:  # they failed together: nobody else will look
-                if future.done() and not future.cancelled():
-                    future.exception()
             raise RecordingRefused(str(exc)) from None
 
     async def decision(self, *, request_id: str, session: str, decision: dict[str, Any]) -> None:
@@ -271,21 +261,14 @@ class RecordingTap:
         """Queued for the next group commit; failures are logged, never raised at the agent."""
         assert self.recorder is not None
         try:
-            future = self.recorder.submit(kind, urgent=False, **fields)
+            self.recorder.post(kind, urgent=False, **fields)
         except RecorderUnavailable as exc:
             log.warning("recording a %s record failed: %s", kind, exc)
             return
         except Exception as exc:  # a value JSON cannot hold: the caller must not fail
             log.warning("recording a %s record failed: %s", kind, type(exc).__name__)
-            return
-        self._background.add(future)
-        future.add_done_callback(self._done)
-
-    def _done(self, task: asyncio.Future[Any]) -> None:
-        self._background.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.warning("recording a record failed: %s", type(task.exception()).__name__)
 
     async def flush(self) -> None:
-        if self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
+        """Until every record queued so far is durable (or the recorder has failed)."""
+        if self.recorder is not None:
+            await self.recorder.flush()
