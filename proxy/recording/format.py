@@ -251,8 +251,14 @@ def redact_headers(
     extra = {name.lower() for name in names}
     hidden = ALWAYS_REDACTED | extra if extra else ALWAYS_REDACTED
     secrets = [s for s in secrets if s]
+    if headers is None:
+        return []
     out: list[list[str]] = []
-    for name, value in header_pairs(headers):
+    for name, value in headers.items() if hasattr(headers, "items") else headers:
+        # one pass, converting only what is not already a str: this runs for every
+        # request and response the proxy records
+        name = name if type(name) is str else str(name)
+        value = value if type(value) is str else str(value)
         if name.lower() in hidden:
             out.append([name, REDACTED])
         else:

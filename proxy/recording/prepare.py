@@ -17,6 +17,7 @@ from typing import Any, Literal
 from proxy.recording import format as fmt
 
 _SESSION_MEMORY = 100_000
+_STR_KEYS = ("session", "request_id", "action")
 
 
 class FieldPreparer:
@@ -36,13 +37,17 @@ class FieldPreparer:
     def prepare(self, kind: str, fields: dict[str, Any]) -> tuple[dict[str, Any], bytes | None]:
         """``(fields ready to chain, body bytes to store as a blob or None)``."""
         fields = dict(fields)  # the caller's dict is theirs
-        injected = [str(name).lower() for name in fields.pop("injected", None) or ()]
-        secrets = [str(value) for value in fields.pop("secret_values", None) or ()]
-        for key in ("session", "request_id", "action"):
-            if fields.get(key) is not None:
-                fields[key] = str(fields[key])
-        if fields.get("status") is not None:
-            fields["status"] = int(fields["status"])
+        injected_names = fields.pop("injected", None)
+        secret_values = fields.pop("secret_values", None)
+        injected = [str(name).lower() for name in injected_names] if injected_names else []
+        secrets = [str(value) for value in secret_values] if secret_values else []
+        for key in _STR_KEYS:
+            value = fields.get(key)
+            if value is not None and type(value) is not str:
+                fields[key] = str(value)
+        status = fields.get("status")
+        if status is not None and type(status) is not int:
+            fields["status"] = int(status)
         self._link_session(kind, fields)
         if "headers" in fields:
             names = self.redact_headers.union(injected) if injected else self.redact_headers
@@ -50,13 +55,16 @@ class FieldPreparer:
             if injected:
                 fields["injected"] = sorted(set(injected))
         for name in ("url", "agent_url"):
-            if isinstance(fields.get(name), str):
-                fields[name] = fmt.redact_url(fields[name], secrets)
-        if fields.get("mask_spans") is not None:
+            url = fields.get(name)
+            if type(url) is str and (secrets or "@" in url):
+                fields[name] = fmt.redact_url(url, secrets)
+        spans = fields.get("mask_spans")
+        if spans:
             fields["mask_spans"] = [
-                span.as_dict() if hasattr(span, "as_dict") else dict(span)
-                for span in fields["mask_spans"]
+                span.as_dict() if hasattr(span, "as_dict") else dict(span) for span in spans
             ]
+        elif spans is not None:
+            fields["mask_spans"] = []
         body = fields.get("body")
         if body is None:
             return fields, None

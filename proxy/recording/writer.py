@@ -281,8 +281,9 @@ class Recorder:
             self._enqueue(fmt.CHECKPOINT, {}, None)
         if urgent:
             self._kick()
-        elif self._lazy_kick is None:
-            self._lazy_kick = asyncio.get_running_loop().call_later(LAZY_DELAY, self._kick)
+        elif self._lazy_kick is None:  # one timer at a time, left to run out: cheaper than
+            # a timer per record, each cancelled by the next urgent one
+            self._lazy_kick = asyncio.get_running_loop().call_later(LAZY_DELAY, self._lazy_due)
 
     async def flush(self) -> None:
         """Until every record accepted so far is durable or has failed (never raises)."""
@@ -459,11 +460,12 @@ class Recorder:
         self._enqueue(fmt.FILE_START, fields, None)
         self._housekeeper.schedule_retention()
 
+    def _lazy_due(self) -> None:
+        self._lazy_kick = None
+        self._kick()
+
     def _kick(self) -> None:
         """Group commit: everything queued while the last fsync ran goes in the next one."""
-        if self._lazy_kick is not None:
-            self._lazy_kick.cancel()
-            self._lazy_kick = None
         if self._committing is not None or not self._pending:
             return
         if self._state != "ok":
@@ -546,6 +548,9 @@ class Recorder:
             self._kick()
 
     def _shutdown_executors(self) -> None:
+        if self._lazy_kick is not None:
+            self._lazy_kick.cancel()
+            self._lazy_kick = None
         if self._io is not None:
             self._io.stop()
         if self._aux is not None:
