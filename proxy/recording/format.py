@@ -28,6 +28,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
@@ -132,6 +133,11 @@ def _json_line(record: Mapping[str, Any]) -> bytes:
         return text.encode("ascii") + b"\n"
 
 
+def micros(ts: float) -> float:
+    """``ts`` to the microsecond, as round(ts, 6) but with integers (it runs per record)."""
+    return math.floor(ts * 1_000_000 + 0.5) / 1_000_000
+
+
 def build_record(
     seq: int, ts: float, prev: str, kind: str, fields: Mapping[str, Any]
 ) -> dict[str, Any]:
@@ -139,7 +145,7 @@ def build_record(
     record: dict[str, Any] = {
         "v": FORMAT_VERSION,
         "seq": seq,
-        "ts": round(ts, 6),
+        "ts": micros(ts),
         "prev": prev,
         "kind": kind,
     }
@@ -245,11 +251,12 @@ def _scrub(text: str, secrets: Iterable[str]) -> str:
 
 
 def redact_headers(
-    headers: Any, names: Iterable[str] = (), secrets: Iterable[str] = ()
+    headers: Any, hidden: frozenset[str] = ALWAYS_REDACTED, secrets: Iterable[str] = ()
 ) -> list[list[str]]:
-    """``[[name, value], ...]`` with credential headers and known secret values replaced."""
-    extra = {name.lower() for name in names}
-    hidden = ALWAYS_REDACTED | extra if extra else ALWAYS_REDACTED
+    """``[[name, value], ...]`` with credential headers and known secret values replaced.
+
+    ``hidden``: lower-case names whose values are replaced, ``ALWAYS_REDACTED`` included.
+    """
     secrets = [s for s in secrets if s]
     if headers is None:
         return []

@@ -29,6 +29,7 @@ class FieldPreparer:
         oversize: Literal["sidecar", "truncate"],
     ) -> None:
         self.redact_headers = frozenset(name.lower() for name in redact_headers)
+        self._hidden = fmt.ALWAYS_REDACTED | self.redact_headers
         self.max_inline_body = max_inline_body
         self.oversize = oversize
         #: request_id -> session, so decisions and responses carry their session too.
@@ -50,8 +51,8 @@ class FieldPreparer:
             fields["status"] = int(status)
         self._link_session(kind, fields)
         if "headers" in fields:
-            names = self.redact_headers.union(injected) if injected else self.redact_headers
-            fields["headers"] = fmt.redact_headers(fields["headers"], names, secrets)
+            hidden = self._hidden.union(injected) if injected else self._hidden
+            fields["headers"] = fmt.redact_headers(fields["headers"], hidden, secrets)
             if injected:
                 fields["injected"] = sorted(set(injected))
         for name in ("url", "agent_url"):

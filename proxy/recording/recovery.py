@@ -14,7 +14,7 @@ import os
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from proxy.recording import format as fmt
 from proxy.recording.errors import RecordingCorrupt
@@ -40,9 +40,12 @@ from proxy.recording.storage import clean_temp_blobs
 log = logging.getLogger("sluice.recording")
 
 
-@dataclass(frozen=True, slots=True)
-class Position:
-    """The chain and file state after some record: enough to continue from it."""
+class Position(NamedTuple):
+    """The chain and file state after some record: enough to continue from it.
+
+    A NamedTuple: the writer makes one per record, and a frozen dataclass costs several
+    times as much to build.
+    """
 
     path: Path
     index: int

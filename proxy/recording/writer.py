@@ -26,7 +26,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -388,7 +388,7 @@ class Recorder:
     ) -> int:
         pos, signer = self._pos, self._signer
         assert pos is not None and signer is not None
-        ts = max(self._clock(), pos.ts)
+        ts = max(fmt.micros(self._clock()), pos.ts)
         seq = pos.seq + 1
         if kind == fmt.CHECKPOINT:
             record = fmt.make_checkpoint(
@@ -445,8 +445,7 @@ class Recorder:
             pos = self._pos
         index = pos.index + 1
         path = self.directory / file_name(now, index)
-        self._pos = replace(
-            pos,
+        self._pos = pos._replace(
             path=path,
             index=index,
             size=0,
