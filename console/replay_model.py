@@ -87,9 +87,10 @@ def slim(record: Mapping[str, Any]) -> dict[str, Any]:
 
 def _tags(kind: str, data: Mapping[str, Any]) -> set[str]:
     tags: set[str] = set()
-    if kind == fmt.DECISION and data.get("action") in fmt.DENIED_ACTIONS:
+    decides = kind == fmt.DECISION or kind == fmt.REQUEST  # a request carries its decision
+    if decides and data.get("action") in fmt.DENIED_ACTIONS:
         tags.add("denied")
-    elif kind == fmt.DECISION and data.get("action") in fmt.HELD_ACTIONS:
+    elif decides and data.get("action") in fmt.HELD_ACTIONS:
         tags.add("held")  # the request's first decision; approval records follow it
     elif kind == fmt.RESPONSE:
         if data.get("mask_spans"):
@@ -223,14 +224,10 @@ def fold(events: Sequence[Event], info: SessionInfo) -> dict[str, Any]:
                 client=r.get("client") or None,
                 bytes_in=r.get("_body_size"),
             )
+            if r.get("action") is not None:  # the first decision, in the request record
+                data.update(_decided(r))
         elif kind == fmt.DECISION:
-            data.update(
-                decision=r.get("action"),
-                rule=r.get("rule"),
-                reason=r.get("reason"),
-                code=r.get("code"),
-                state="held" if r.get("action") in fmt.HELD_ACTIONS else "decided",
-            )
+            data.update(_decided(r))
         elif kind == "approval.requested":
             for key in ("method", "target", "path", "query"):
                 data.setdefault(key, r.get(key))
@@ -273,6 +270,16 @@ def fold(events: Sequence[Event], info: SessionInfo) -> dict[str, Any]:
                 data["reason"] = r.get("reason")
         data["seq"] = event.seq
     return data
+
+
+def _decided(r: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "decision": r.get("action"),
+        "rule": r.get("rule"),
+        "reason": r.get("reason"),
+        "code": r.get("code"),
+        "state": "held" if r.get("action") in fmt.HELD_ACTIONS else "decided",
+    }
 
 
 class ReplayStore(FlowStore):

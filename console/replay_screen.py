@@ -318,7 +318,10 @@ class ReplayScreen(ReplayTools, Screen[None]):
 def event_summary(kind: str, data: dict[str, Any]) -> str:
     """One line for the header: what this record says."""
     if kind == "request":
-        return f"request {data.get('method', '')} {data.get('target', '')} {data.get('url', '')}"
+        line = f"request {data.get('method', '')} {data.get('target', '')} {data.get('url', '')}"
+        if data.get("action") is not None:  # the request record carries its decision
+            line += f" · {data['action']} ({data.get('rule') or 'default'})"
+        return line
     if kind == "decision":
         return f"decision {data.get('action', '?')} ({data.get('rule') or 'default'})"
     if kind == "response":

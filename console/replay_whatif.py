@@ -172,7 +172,9 @@ def recorded_outcome(timeline: Timeline, request_id: str) -> tuple[str, str | No
         if event.kind == "approval.requested":
             return "approve", event.data.get("rule")
     for event in events:
-        if event.kind == fmt.DECISION:
+        if event.kind == fmt.DECISION or (
+            event.kind == fmt.REQUEST and event.data.get("action") is not None
+        ):
             action = str(event.data.get("action"))
             return _RECORDED.get(action, action), event.data.get("rule")
     return "?", None

@@ -44,6 +44,7 @@ from proxy.masking.fakes import fake
 from proxy.recording import Recording, verify
 from proxy.recording import writer as writer_module
 from proxy.recording.files import list_recordings
+from proxy.recording.format import decision_of
 from proxy.server.runtime import ProxyRuntime
 
 SOURCE_ROOT = Path(proxy.__file__).resolve().parent.parent
@@ -366,19 +367,22 @@ async def test_a_session_is_recorded_in_order_privately_and_verifies(
     }
     for name, (action, status) in expected.items():
         flow = by_request(everything, s.request_ids[name])
-        held = ["decision"] if action == "approved" else []  # "held", before anyone decided
+        # the request record carries its first decision; a held request's outcome follows
+        # in a decision record of its own
+        outcome = ["decision"] if action == "approved" else []
         assert [r["kind"] for r in flow if not r["kind"].startswith("approval.")] == [
             "request",
-            *held,
-            "decision",
+            *outcome,
             "response",
         ], (name, [r["kind"] for r in flow])
         request = next(r for r in flow if r["kind"] == "request")
-        decision = [r for r in flow if r["kind"] == "decision"][-1]
+        decisions = [d for r in flow if (d := decision_of(r)) is not None]
+        decision = decisions[-1]
         response = next(r for r in flow if r["kind"] == "response")
-        assert request["seq"] < decision["seq"] < response["seq"]
+        assert request["seq"] <= decision["seq"] < response["seq"]
         assert request["session"] == decision["session"] == response["session"] == s.session
         assert decision["action"] == action, (name, decision)
+        assert request["action"] == ("held" if outcome else action), (name, request)
         assert response["status"] == status, (name, response)
         if action != "denied":  # forwarded: the response says how long it took
             assert response["duration_ms"] > 0, (name, response)
@@ -390,18 +394,19 @@ async def test_a_session_is_recorded_in_order_privately_and_verifies(
     decided = next(r for r in approved if r["kind"] == "approval.decided")
     assert decided["state"] == "approved" and decided["decided_by"] == "local-operator"
     # the decision record itself says who approved, for how long it was held, and the scope
-    first, approval = (r for r in approved if r["kind"] == "decision")
+    first = next(r for r in approved if r["kind"] == "request")
+    (approval,) = (r for r in approved if r["kind"] == "decision")
     assert first["action"] == "held" and first["seq"] < decided["seq"] < approval["seq"]
     assert approval["approver"] == "local-operator" and approval["scope"] == "once"
     assert approval["approval_id"] == decided["id"] and approval["held_ms"] >= 0
     refused = by_request(everything, s.request_ids["held-denied"])
     decided = next(r for r in refused if r["kind"] == "approval.decided")
     assert decided["state"] == "denied"
-    request, held, decision = (r for r in refused if r["kind"] in ("request", "decision"))
-    assert (request["kind"], held["kind"], decision["kind"]) == ("request", "decision", "decision")
-    # recorded before anyone decided, then how it ended
-    assert request["seq"] < held["seq"] < decided["seq"] < decision["seq"]
-    assert held["action"] == "held"
+    request, decision = (r for r in refused if r["kind"] in ("request", "decision"))
+    assert (request["kind"], decision["kind"]) == ("request", "decision")
+    # recorded before anyone decided (held), then how it ended
+    assert request["seq"] < decided["seq"] < decision["seq"]
+    assert request["action"] == "held"
     assert decision["action"] == "denied" and decision["rule"] == "deploys"
     assert decision["approver"] == "local-operator" and decision["held_ms"] >= 0
     answer = next(r for r in refused if r["kind"] == "response")  # what the agent received
@@ -410,7 +415,8 @@ async def test_a_session_is_recorded_in_order_privately_and_verifies(
     assert held_request["method"] == "POST"
     assert held_request["body"] == {"text": DEPLOY_BODY.decode()}
     denied = {r["kind"]: r for r in by_request(everything, s.request_ids["denied"])}
-    assert denied["decision"]["rule"] == "no-secrets"
+    assert denied["request"]["action"] == "denied"
+    assert denied["request"]["rule"] == "no-secrets"
     assert json.loads(denied["response"]["body"]["text"])["error"] == "denied"
 
     # private: every directory 0700, every file 0600 (keys, recordings, blobs)

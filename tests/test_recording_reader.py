@@ -226,3 +226,56 @@ async def test_an_unreadable_record_is_reported_not_guessed(tmp_path: Path) -> N
     with Recording.open(directory) as recording, pytest.raises(RecordingCorrupt) as caught:
         recording.get(n + 1)
     assert caught.value.seq == n + 1
+
+
+@pytest.mark.asyncio
+async def test_decisions_read_the_same_from_request_records_and_decision_records(
+    tmp_path: Path,
+) -> None:
+    """Current files carry a request's first decision in its request record; older ones
+    have a separate decision record. Counts, flows and HAR read both alike."""
+    rec = recorder(tmp_path)
+    await rec.open()
+    await rec.append("session.start", session="new", subject="a", groups=[], token_id=None)
+    await rec.append("session.start", session="old", subject="a", groups=[], token_id=None)
+    for session in ("new", "old"):
+        for n, action in enumerate(("allowed", "denied", "held")):
+            request_id = f"{session}-{n}"
+            decision = {"action": action, "rule": f"rule-{n}", "reason": "why", "code": action}
+            fields = {"request_id": request_id, "session": session, "method": "GET"}
+            fields["url"] = f"/api/{n}"
+            if session == "new":
+                await rec.append("request", **fields, **decision)
+            else:
+                await rec.append("request", **fields)
+                await rec.append("decision", request_id=request_id, **decision)
+            if action == "held":
+                await rec.append("decision", request_id=request_id, action="denied", rule="p")
+            await rec.append("response", request_id=request_id, status=403 if n else 200)
+    await rec.close()
+    with Recording.open(tmp_path / "rec") as recording:
+        summaries = {s.id: s for s in recording.sessions()}
+        for session in ("new", "old"):
+            summary = summaries[session]
+            assert (summary.requests, summary.denied, summary.held) == (3, 2, 1), summary
+            flows = {flow.request_id: flow for flow in recording.flows(session)}
+            decided = {
+                request_id: [(d["kind"], d["action"], d.get("rule")) for d in flow.decisions]
+                for request_id, flow in flows.items()
+            }
+            assert decided == {
+                f"{session}-0": [("decision", "allowed", "rule-0")],
+                f"{session}-1": [("decision", "denied", "rule-1")],
+                f"{session}-2": [("decision", "held", "rule-2"), ("decision", "denied", "p")],
+            }
+    new = [r for r in records_of(only_file(tmp_path / "rec")) if r.get("session") == "new"]
+    assert "decision" not in [r["kind"] for r in new if r.get("request_id") != "new-2"]
+    out = tmp_path / "out.har"
+    assert run_export_har(str(tmp_path / "rec"), str(out)) == 0
+    entries = json.loads(out.read_text())["log"]["entries"]
+    actions = {
+        e["_sluice"]["request_id"]: [d["action"] for d in e["_sluice"]["decisions"]]
+        for e in entries
+    }
+    assert actions["new-2"] == actions["old-2"] == ["held", "denied"]
+    assert actions["new-1"] == actions["old-1"] == ["denied"]

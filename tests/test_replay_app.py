@@ -105,7 +105,7 @@ async def test_a_directory_opens_the_browser_then_the_session_at_its_end() -> No
         store = screen.store
         assert store.position == len(screen.timeline) - 1 and store.visible_count == 11
         assert "VERIFIED and signed" in screen.query_one(IntegrityBanner).text.plain
-        assert "event 37/37" in screen.query_one("#replay-header").lines.plain
+        assert "event 26/26" in screen.query_one("#replay-header").lines.plain
 
 
 async def test_stepping_moves_the_playhead_and_the_selection() -> None:
@@ -114,16 +114,17 @@ async def test_stepping_moves_the_playhead_and_the_selection() -> None:
         screen = await opened(pilot)
         await pilot.press("g")
         assert screen.store.position == 0 and screen.store.visible_count == 0  # session.start
-        await pilot.press("right", "right", "right", "right")
-        assert screen.store.position == 4 and screen.store.visible_count == 2
+        # session.start, request (carrying its decision), response, the next request
+        await pilot.press("right", "right", "right")
+        assert screen.store.position == 3 and screen.store.visible_count == 2
         view = screen.query_one(ReplayFlowView)
         assert (
             view.selected is screen.store.current_flow()
             and view.selected.path == "/api/files/src/app.py"
         )
-        assert "EVENT      seq 6 request" in detail_text(screen)
+        assert "EVENT      seq 5 request" in detail_text(screen)
         await pilot.press("left")
-        assert screen.store.position == 3 and screen.store.visible_count == 1
+        assert screen.store.position == 2 and screen.store.visible_count == 1
         assert view.selected.path == "/api/tree" and view.selected.status == 200
         await pilot.press("G")
         assert screen.store.position == len(screen.timeline) - 1

@@ -49,9 +49,9 @@ def test_replay_in_tmux_steps_jumps_and_quits() -> None:
         screen = _wait_for(session, "SESSION", "demo-agent", "verified")
         assert "INTEGRITY" in screen
         _tmux("send-keys", "-t", session, "Enter")
-        _wait_for(session, "SLUICE REPLAY", "event 37/37", "VERIFIED and signed")
+        _wait_for(session, "SLUICE REPLAY", "event 26/26", "VERIFIED and signed")
         _tmux("send-keys", "-t", session, "g")
-        _wait_for(session, "event 1/37", "session.start")
+        _wait_for(session, "event 1/26", "session.start")
         _tmux("send-keys", "-t", session, "m")
         screen = _wait_for(session, "REGION", "github-pat", "response 200 · masked 1")
         assert "/api/builds/42/log" in screen and "ghp_****" in screen

@@ -56,6 +56,19 @@ RECOVERED = "recorder.recovered"
 RESUMED = "recorder.resumed"
 RETENTION = "recorder.retention"
 FILE_START_KINDS = frozenset({FILE_START, CHAIN_RESET})
+#: The proxy writes a request's first decision into its request record (``action`` and
+#: these): one record fewer per request. Older files have a separate ``decision`` record;
+#: a held request's outcome is always a ``decision`` record of its own.
+DECISION_FIELDS = (
+    "action",
+    "rule",
+    "reason",
+    "code",
+    "approval_id",
+    "approver",
+    "scope",
+    "held_ms",
+)
 
 #: Always redacted, whatever the caller says: they carry the agent's or a user's credentials.
 ALWAYS_REDACTED = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie"})
@@ -136,6 +149,20 @@ def _json_line(record: Mapping[str, Any]) -> bytes:
 def micros(ts: float) -> float:
     """``ts`` to the microsecond, as round(ts, 6) but with integers (it runs per record)."""
     return math.floor(ts * 1_000_000 + 0.5) / 1_000_000
+
+
+def decision_of(record: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The decision a record states: a ``decision`` record itself, or the one a
+    ``request`` record carries (as if it were a ``decision`` record of the same seq)."""
+    kind = record.get("kind")
+    if kind == DECISION:
+        return dict(record)
+    if kind != REQUEST or record.get("action") is None:
+        return None
+    decision = {key: record[key] for key in (*HEAD_KEYS, "session", "request_id") if key in record}
+    decision["kind"] = DECISION
+    decision.update((key, record[key]) for key in DECISION_FIELDS if key in record)
+    return decision
 
 
 def build_record(

@@ -118,18 +118,24 @@ class FileIndex:
         )
 
 
+def _decision_counts(action: str | None) -> tuple[str, ...]:
+    if action in fmt.DENIED_ACTIONS:
+        return ("decisions", "denied")
+    if action in fmt.HELD_ACTIONS:
+        return ("decisions", "held")
+    return ("decisions",)
+
+
 def _counted(kind: str, head: fmt.Head) -> tuple[str, ...]:
     """The counters a record adds to (file totals and its session's summary)."""
     if kind == fmt.REQUEST:
-        return ("requests",)
+        if head.action is None:
+            return ("requests",)
+        return ("requests", *_decision_counts(head.action))
     if kind == fmt.RESPONSE:
         return ("responses", "masked") if head.masked else ("responses",)
     if kind == fmt.DECISION:
-        if head.action in fmt.DENIED_ACTIONS:
-            return ("decisions", "denied")
-        if head.action in fmt.HELD_ACTIONS:
-            return ("decisions", "held")
-        return ("decisions",)
+        return _decision_counts(head.action)
     if kind == fmt.ERROR:
         return ("errors",)
     return ()

@@ -61,6 +61,9 @@ class Flow:
         self.session = self.session or record.get("session")
         if kind == fmt.REQUEST and self.request is None:
             self.request = record
+            decision = fmt.decision_of(record)
+            if decision is not None:  # the first decision, carried by the request record
+                self.decisions.append(decision)
         elif kind == fmt.RESPONSE and self.response is None:
             self.response = record
         elif kind == fmt.REQUEST_BODY and self.request_body is None:

@@ -136,12 +136,10 @@ class RecordingTap:
                 self._sessions[identity.session] = None
                 while len(self._sessions) > 10000:
                     self._sessions.popitem(last=False)
-            recorder.post("request", **fields)
-            # Records are written in order: the decision durable means all three are, and
-            # a failure to write any of them fails this one too.
-            await recorder.submit(
-                "decision", request_id=request_id, session=identity.session, **decision
-            )
+            # The request record carries its decision: one record fewer per request.
+            # Records are written in order, so this one durable means the session's start
+            # is too, and a failure to write either fails this one.
+            await recorder.submit("request", **fields, **decision)
         except RecorderUnavailable as exc:
             raise RecordingRefused(str(exc)) from None
 
