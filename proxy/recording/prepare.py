@@ -5,7 +5,9 @@ headers (``Authorization``, ``Proxy-Authorization``, ``Cookie``, ``Set-Cookie``,
 recorder's configured names and the per-call ``injected`` names) become ``[REDACTED]``;
 ``secret_values`` (e.g. the raw injected token) are scrubbed from every header value and
 from the URL and never stored. Bodies are bytes or str: inline text, base64, a truncated
-prefix, or handed back to be stored as a sidecar blob.
+prefix, or handed back to be stored as a sidecar blob. ``mask_spans`` (``Span`` objects
+or dicts) become dicts, and a record with a ``request_id`` but no ``session`` gets the
+session of that request's record.
 """
 
 from __future__ import annotations

@@ -11,11 +11,8 @@ gateway that cannot record must stop serving (Teleport, Vault). ``recover()`` cu
 current file back to the last fsynced record (keeping a ``.broken`` copy): what callers
 were told failed is exactly what is gone.
 
-Fields the recorder treats specially (all kinds): ``headers`` (credential headers and the
-caller's ``injected`` header names redacted; ``secret_values`` scrubbed, never stored),
-``url`` (password and ``secret_values`` scrubbed), ``body`` (bytes or str: inline text,
-base64, a sidecar blob or a truncated prefix), ``mask_spans`` (``Span`` objects or dicts),
-and ``request_id`` (``session`` filled in from the request record when missing).
+What fields are redacted and how bodies are kept: ``proxy.recording.prepare``. How lines
+are batched: ``proxy.recording.commits``.
 """
 
 from __future__ import annotations
@@ -31,6 +28,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from proxy.recording import format as fmt
+from proxy.recording.chain import next_file, next_line, rotation_due
+from proxy.recording.commits import GroupCommit, Item
 from proxy.recording.disk import Disk
 from proxy.recording.disk_thread import DiskThread
 from proxy.recording.errors import RecorderUnavailable, RecordingCorrupt, safe_reason
@@ -39,27 +38,19 @@ from proxy.recording.housekeeping import Housekeeper
 from proxy.recording.keys import KeyFileError, Signer
 from proxy.recording.prepare import FieldPreparer
 from proxy.recording.recovery import Position, file_intro, open_directory
+from proxy.recording.sidecar_order import SidecarOrder
 from proxy.recording.storage import store_blob
 from proxy.state import StateError
 
 log = logging.getLogger("sluice.recording")
 
 State = Literal["closed", "ok", "failed"]
-#: How long a non-urgent record waits for an urgent one to share its fsync.
-LAZY_DELAY = 0.02
 StateCallback = Callable[[str, str | None], None]
 
 
 def _write(fd: int, data: bytes) -> None:
     """The one place records reach the disk (tests inject errors here)."""
     write_all(fd, data)
-
-
-@dataclass(slots=True)
-class _Item:
-    pos: Position
-    line: bytes
-    future: asyncio.Future[int] | None
 
 
 @dataclass
@@ -112,13 +103,8 @@ class Recorder:
         self._pos: Position | None = None
         self._durable: Position | None = None
         self._intro: tuple[str, dict[str, Any]] | None = None
-        self._pending: list[_Item] = []
-        self._committing: list[_Item] | None = None  # the batch the disk thread has
-        self._idle_waiters: list[asyncio.Future[None]] = []
-        self._seq_waiters: list[tuple[int, asyncio.Future[None]]] = []
-        self._order_tail: asyncio.Future[Any] | None = None  # the last record held back
-        self._background: set[asyncio.Future[Any]] = set()
-        self._lazy_kick: asyncio.TimerHandle | None = None
+        self._commits: GroupCommit | None = None
+        self._sidecars = SidecarOrder(self._queue, self._store, self._ensure_ok)
         self._housekeeper = Housekeeper(
             self,
             self.directory,
@@ -126,7 +112,6 @@ class Recorder:
             retention_seconds=retention_seconds,
             clock=clock,
         )
-        self._io: DiskThread | None = None
         self._aux: ThreadPoolExecutor | None = None
         self._disk = Disk(self.directory, lambda fd, data: _write(fd, data))
 
@@ -166,10 +151,17 @@ class Recorder:
         """Create or repair the directory, then resume; durable before it returns."""
         if self._state != "closed":
             raise RuntimeError("recorder is already open")
-        self._io = DiskThread(asyncio.get_running_loop(), "sluice-recorder")
+        thread = DiskThread(asyncio.get_running_loop(), "sluice-recorder")
+        self._commits = GroupCommit(
+            self._disk,
+            thread,
+            writable=lambda: self._state == "ok",
+            durable=self._durable_batch,
+            failed=self._write_failed,
+        )
         self._aux = ThreadPoolExecutor(1, thread_name_prefix="sluice-recorder-aux")
         try:
-            self._signer, plan = await self._io.call(
+            self._signer, plan = await thread.call(
                 open_directory, self.directory, self.signing_key_path, self._clock()
             )
         except Exception as exc:
@@ -184,7 +176,7 @@ class Recorder:
         self._pos = self._durable = plan.position
         self._state = "ok"
         future = self._enqueue_intro(plan.intro)
-        self._kick()
+        self._commits.kick()
         self._housekeeper.start(self._aux, lambda: self._pos.path if self._pos else self.directory)
         await future  # a failure here leaves the recorder open and failed: recover() or close()
         self._report("ok", None)
@@ -193,8 +185,8 @@ class Recorder:
         """Record one event; returns its seq once durable, or raises ``RecorderUnavailable``.
 
         ``urgent=False`` (responses, notes: nobody waits for them) lets the record ride in
-        the next group commit an urgent record starts, or one ``LAZY_DELAY`` later: one
-        fsync per request instead of two when requests come one at a time.
+        the next group commit an urgent record starts, or one ``LAZY_DELAY`` later
+        (``proxy.recording.commits``).
         """
         return await self.submit(kind, urgent=urgent, **fields)
 
@@ -228,44 +220,10 @@ class Recorder:
             raise ValueError(f"record kind {kind!r} is reserved for the recorder")
         self._ensure_ok()
         prepared, big = self._fields.prepare(kind, fields)
-        tail = self._order_tail
-        if big is None and (tail is None or tail.done()):
+        if big is None and not self._sidecars.holding:
             self._queue(kind, prepared, urgent, future)
-            return
-        # A sidecar blob is written first, in the aux thread; records accepted meanwhile
-        # wait behind it, so the file keeps the order they were accepted in.
-        later = asyncio.ensure_future(self._queue_later(tail, kind, prepared, big, urgent))
-        self._order_tail = later
-        if future is not None:
-            later.add_done_callback(lambda done: _settle(future, done))
         else:
-            self._background.add(later)
-            later.add_done_callback(self._background_done)
-
-    async def _queue_later(
-        self,
-        tail: asyncio.Future[Any] | None,
-        kind: str,
-        prepared: dict[str, Any],
-        big: bytes | None,
-        urgent: bool,
-    ) -> int:
-        if tail is not None:
-            await asyncio.wait([tail])
-        if big is not None:
-            self._ensure_ok()
-            prepared["body"] = await self._store(big)
-        self._ensure_ok()
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._queue(kind, prepared, urgent, future)
-        return await future
-
-    def _background_done(self, done: asyncio.Future[Any]) -> None:
-        self._background.discard(done)
-        if done.cancelled() or (error := done.exception()) is None:
-            return
-        reason = str(error) if isinstance(error, RecorderUnavailable) else type(error).__name__
-        log.warning("a background record was not written: %s", reason)
+            self._sidecars.later(kind, prepared, big, urgent, future)
 
     def _queue(
         self,
@@ -274,29 +232,27 @@ class Recorder:
         urgent: bool,
         future: asyncio.Future[int] | None,
     ) -> None:
-        self._maybe_rotate(self._clock())
-        self._enqueue(kind, prepared, future)
+        assert self._commits is not None
+        now = self._clock()
+        self._maybe_rotate(now)
+        self._enqueue(kind, prepared, future, now)
         assert self._pos is not None
         if kind == fmt.SESSION_END or self._pos.since_checkpoint >= self.checkpoint_every:
-            self._enqueue(fmt.CHECKPOINT, {}, None)
+            self._enqueue(fmt.CHECKPOINT, {}, None, now)
         if urgent:
-            self._kick()
-        elif self._lazy_kick is None:  # one timer at a time, left to run out: cheaper than
-            # a timer per record, each cancelled by the next urgent one
-            self._lazy_kick = asyncio.get_running_loop().call_later(LAZY_DELAY, self._lazy_due)
+            self._commits.kick()
+        else:
+            self._commits.soon()
 
     async def flush(self) -> None:
         """Until every record accepted so far is durable or has failed (never raises)."""
-        while self._order_tail is not None and not self._order_tail.done():
-            await asyncio.wait([self._order_tail])
+        await self._sidecars.wait()
+        commits = self._commits
         if self._pos is None or (self._durable and self._durable.seq >= self._pos.seq):
             return
-        if self._state != "ok" or not (self._pending or self._committing):
+        if self._state != "ok" or commits is None or not commits.busy:
             return
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._seq_waiters.append((self._pos.seq, waiter))
-        self._kick()
-        await waiter
+        await commits.flush_to(self._pos.seq)
 
     async def checkpoint(self) -> int | None:
         """Seal what is unsealed now; None if nothing was."""
@@ -305,7 +261,7 @@ class Recorder:
         if self._pos.since_checkpoint == 0:
             return None
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        seq = self._enqueue(fmt.CHECKPOINT, {}, future)
+        seq = self._enqueue(fmt.CHECKPOINT, {}, future, self._clock())
         self._kick()
         await future
         return seq
@@ -317,9 +273,9 @@ class Recorder:
         if self._state == "closed" or self._durable is None:
             raise RecorderUnavailable("recorder is not open")
         await self._drain()
-        assert self._io is not None
+        assert self._commits is not None
         try:
-            truncated, broken = await self._io.call(self._disk.cut_back, self._durable)
+            truncated, broken = await self._commits.thread.call(self._disk.cut_back, self._durable)
         except Exception as exc:
             raise RecorderUnavailable(f"recovery failed: {safe_reason(exc)}") from None
         self._pos = self._durable
@@ -346,9 +302,9 @@ class Recorder:
             except RecorderUnavailable as exc:
                 error = exc
         await self._drain()
-        assert self._io is not None
+        assert self._commits is not None
         with contextlib.suppress(OSError):
-            await self._io.call(self._disk.close)
+            await self._commits.thread.call(self._disk.close)
         self._shutdown_executors()
         self._state, self.failure = "closed", None
         self._report("closed", None)
@@ -384,150 +340,78 @@ class Recorder:
         return fmt.blob_ref(digest, len(data))
 
     def _enqueue(
-        self, kind: str, fields: dict[str, Any], future: asyncio.Future[int] | None
+        self,
+        kind: str,
+        fields: dict[str, Any],
+        future: asyncio.Future[int] | None,
+        now: float,
     ) -> int:
-        pos, signer = self._pos, self._signer
-        assert pos is not None and signer is not None
-        ts = max(fmt.micros(self._clock()), pos.ts)
-        seq = pos.seq + 1
-        if kind == fmt.CHECKPOINT:
-            record = fmt.make_checkpoint(
-                seq,
-                ts,
-                pos.head,
-                from_seq=pos.checkpoint_from,
-                chain=pos.chain,
-                key_id=signer.key_id,
-                sign=signer.sign,
-            )
-        else:
-            record = fmt.build_record(seq, ts, pos.head, kind, fields)
-        line = fmt.encode_record(record)  # a value JSON cannot hold raises here, state intact
-        sealed = kind == fmt.CHECKPOINT
-        self._pos = Position(  # spelled out: dataclasses.replace costs more than the record
-            pos.path,
-            pos.index,
-            pos.size + len(line),
-            pos.file_started,
-            pos.file_first_seq,
-            seq,
-            fmt.line_hash(line),
-            pos.chain,
-            seq + 1 if sealed else pos.checkpoint_from,
-            0 if sealed else pos.since_checkpoint + 1,
-            ts if sealed else pos.last_checkpoint_ts,
-            ts,
-        )
-        self._pending.append(_Item(self._pos, line, future))
-        return seq
+        assert self._pos is not None and self._signer is not None and self._commits
+        self._pos, line = next_line(self._pos, self._signer, kind, fields, now)
+        self._commits.add(Item(self._pos, line, future))
+        return self._pos.seq
 
     def _enqueue_intro(self, intro: list[tuple[str, dict[str, Any]]]) -> asyncio.Future[int]:
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         for number, (kind, fields) in enumerate(intro):
             if kind in fmt.FILE_START_KINDS:
                 self._intro = (kind, fields)
-            self._enqueue(kind, fields, future if number == len(intro) - 1 else None)
+            last = number == len(intro) - 1
+            self._enqueue(kind, fields, future if last else None, self._clock())
         return future
 
     def _maybe_rotate(self, now: float) -> None:
         pos = self._pos
         assert pos is not None
-        if pos.seq <= pos.file_first_seq:
-            return
-        if pos.size >= self.rotate_bytes:
-            reason = "size"
-        elif now - pos.file_started >= self.rotate_seconds:
-            reason = "age"
-        else:
+        reason = rotation_due(pos, now, self.rotate_bytes, self.rotate_seconds)
+        if reason is None:
             return
         if pos.since_checkpoint:
-            self._enqueue(fmt.CHECKPOINT, {}, None)
+            self._enqueue(fmt.CHECKPOINT, {}, None, now)
             pos = self._pos
         index = pos.index + 1
-        path = self.directory / file_name(now, index)
-        self._pos = pos._replace(
-            path=path,
-            index=index,
-            size=0,
-            file_started=now,
-            file_first_seq=pos.seq + 1,
-            checkpoint_from=pos.seq + 1,
-        )
+        self._pos = next_file(pos, self.directory / file_name(now, index), index, now)
         fields = file_intro(self._pos, pos.path.name, "rotation")
         fields["rotated_by"] = reason
         self._intro = (fmt.FILE_START, fields)
-        self._enqueue(fmt.FILE_START, fields, None)
+        self._enqueue(fmt.FILE_START, fields, None, now)
         self._housekeeper.schedule_retention()
 
-    def _lazy_due(self) -> None:
-        self._lazy_kick = None
-        self._kick()
-
     def _kick(self) -> None:
-        """Group commit: everything queued while the last fsync ran goes in the next one."""
-        if self._committing is not None or not self._pending:
-            return
-        if self._state != "ok":
-            self._fail(self.failure or "recorder failed", [])
-            return
-        batch, self._pending = self._pending, []
-        self._committing = batch
-        assert self._io is not None
-        self._io.post(self._disk.write_batch, batch, self._committed)
+        if self._commits is not None:
+            self._commits.kick()
 
-    def _committed(self, _result: None, error: BaseException | None) -> None:
-        batch, self._committing = self._committing or [], None
-        if error is not None:
-            reason = str(error) if isinstance(error, UnsafePath) else safe_reason(error)
-            self._fail(f"write failed: {reason}", batch)
-        else:
-            self._durable = batch[-1].pos
-            self.stats.records += len(batch)
-            self.stats.batches += 1
-            for item in batch:
-                if item.future is not None and not item.future.done():
-                    item.future.set_result(item.pos.seq)
-            self._kick()
-        self._wake_flushers()
-        if self._committing is None:
-            waiters, self._idle_waiters = self._idle_waiters, []
-            for waiter in waiters:
-                if not waiter.done():
-                    waiter.set_result(None)
+    def _durable_batch(self, batch: list[Item]) -> None:
+        self._durable = batch[-1].pos
+        self.stats.records += len(batch)
+        self.stats.batches += 1
+        assert self._commits is not None
+        self._commits.wake_flushes(self._durable.seq, failed=False)
+
+    def _write_failed(self, error: BaseException | None, batch: list[Item]) -> None:
+        if error is None:
+            self._fail(self.failure or "recorder failed", batch)
+            return
+        reason = str(error) if isinstance(error, UnsafePath) else safe_reason(error)
+        self._fail(f"write failed: {reason}", batch)
 
     async def _drain(self) -> None:
-        """Until the disk thread holds no batch and nothing is queued for it."""
-        while self._order_tail is not None and not self._order_tail.done():
-            await asyncio.wait([self._order_tail])
-        if self._pending and self._committing is None:
-            self._kick()
-        if self._committing is not None:
-            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._idle_waiters.append(waiter)
-            await waiter
+        """Until nothing is held back, queued or on its way to the disk."""
+        await self._sidecars.wait()
+        if self._commits is not None:
+            await self._commits.drain()
 
-    def _wake_flushers(self) -> None:
-        durable = self._durable.seq if self._durable else 0
-        failed = self._state != "ok"
-        waiting = []
-        for seq, waiter in self._seq_waiters:
-            if failed or seq <= durable:
-                if not waiter.done():
-                    waiter.set_result(None)
-            else:
-                waiting.append((seq, waiter))
-        self._seq_waiters = waiting
-
-    def _fail(self, reason: str, batch: list[_Item]) -> None:
+    def _fail(self, reason: str, batch: list[Item]) -> None:
         if self._state != "failed":
             log.error("recorder failed: %s", reason)
         self._state, self.failure = "failed", reason
         error = RecorderUnavailable(reason)
-        for item in [*batch, *self._pending]:
+        queued = self._commits.take_queued() if self._commits is not None else []
+        for item in [*batch, *queued]:
             if item.future is not None and not item.future.done():
                 item.future.set_exception(error)
-        self._pending = []
-        self._wake_flushers()
+        if self._commits is not None:
+            self._commits.wake_flushes(0, failed=True)
         self._report("failed", reason)
 
     def seal_if_idle(self, now: float) -> None:
@@ -536,33 +420,19 @@ class Recorder:
         if self._state != "ok" or pos is None or not pos.since_checkpoint:
             return
         if now - pos.last_checkpoint_ts >= self.checkpoint_seconds:
-            self._enqueue(fmt.CHECKPOINT, {}, None)
+            self._enqueue(fmt.CHECKPOINT, {}, None, self._clock())
             self._kick()
 
     def note_retention(self, deleted: list[str]) -> None:
         """Retention hook: deleting recordings is itself recorded."""
         if self._state == "ok":
             fields = {"deleted": deleted, "older_than_seconds": self.retention_seconds}
-            self._enqueue(fmt.RETENTION, fields, None)
+            self._enqueue(fmt.RETENTION, fields, None, self._clock())
             self._kick()
 
     def _shutdown_executors(self) -> None:
-        if self._lazy_kick is not None:
-            self._lazy_kick.cancel()
-            self._lazy_kick = None
-        if self._io is not None:
-            self._io.stop()
+        if self._commits is not None:
+            self._commits.stop()
         if self._aux is not None:
             self._aux.shutdown(wait=True)
-        self._io = self._aux = None
-
-
-def _settle(future: asyncio.Future[int], done: asyncio.Future[int]) -> None:
-    if future.done():
-        return
-    if done.cancelled():
-        future.cancel()
-    elif (error := done.exception()) is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(done.result())
+        self._commits = self._aux = None
