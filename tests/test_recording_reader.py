@@ -279,3 +279,26 @@ async def test_decisions_read_the_same_from_request_records_and_decision_records
     }
     assert actions["new-2"] == actions["old-2"] == ["held", "denied"]
     assert actions["new-1"] == actions["old-1"] == ["denied"]
+
+
+@pytest.mark.asyncio
+async def test_refresh_keeps_the_indexes_of_files_that_did_not_change(tmp_path: Path) -> None:
+    rec = recorder(tmp_path, rotate_bytes=2048)
+    await rec.open()
+    await record_session(rec, "s1", requests=6)
+    await rec.flush()
+    recording = Recording.open(tmp_path / "rec")
+    try:
+        before = {index.path: index for index in recording.indexes}
+        assert len(before) >= 2
+        await rec.append("session.start", session="s2", subject="bob", groups=[], token_id=None)
+        await rec.append("request", request_id="late", session="s2", method="GET", action="allowed")
+        recording.refresh()
+        after = {index.path: index for index in recording.indexes}
+        changed = [path for path in after if after[path] is not before.get(path)]
+        assert changed == [rec.current_file]  # only the file that grew was read again
+        flow = recording.flow("late")
+        assert flow is not None and [d["action"] for d in flow.decisions] == ["allowed"]
+    finally:
+        recording.close()
+        await rec.close()

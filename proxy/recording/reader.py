@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,11 +102,21 @@ class Recording:
         return cls([path], cache=cache)
 
     def refresh(self) -> None:
-        """Pick up records appended (and files added) since opening."""
+        """Pick up records appended (and files added or removed) since opening; indexes
+        of files that have not changed are kept, so a long retention costs a stat each."""
         if self.directory is not None:
             self.files = list_recordings(self.directory)
         self.close()
-        self._load()
+        known = {index.path: index for index in self.indexes}
+        self.indexes = [self._current(path, known.get(path)) for path in self.files]
+        self._firsts = [index.seqs[0] if index.seqs else -1 for index in self.indexes]
+
+    def _current(self, path: Path, index: FileIndex | None) -> FileIndex:
+        if index is not None:
+            info = os.stat(path)
+            if (index.file_size, index.mtime_ns) == (info.st_size, info.st_mtime_ns):
+                return index
+        return open_index(path, cache=self._cache)
 
     def close(self) -> None:
         for handle in self._handles.values():

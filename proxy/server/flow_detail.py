@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -47,42 +48,43 @@ def _part(record: dict[str, Any] | None) -> dict[str, Any] | None:
     return part
 
 
-def read_flow(directory: Path, request_id: str, masker: Masker | None) -> dict[str, Any] | None:
+def flow_of(recording: Recording, request_id: str, masker: Masker | None) -> dict[str, Any] | None:
     """The flow as recorded (None when the recording has no such request). Blocking."""
-    if not directory.is_dir():
+    flow: Flow | None = recording.flow(request_id)
+    if flow is None or flow.request is None:
         return None
-    with Recording.open(directory) as recording:
-        flow: Flow | None = recording.flow(request_id)
-        if flow is None or flow.request is None:
-            return None
-        request = _part(flow.request)
-        assert request is not None
-        sent = recording.body(flow, "request")
-        spans: list[dict[str, object]] = []
-        if sent and masker is not None:
-            result = masker.mask_bytes(sent)
-            sent, spans = result.masked, [span.as_dict() for span in result.spans]
-        if sent or flow.request.get("body_streamed"):
-            request["body"] = _body(sent, flow.request_body)
-            request["body"]["mask_spans"] = spans
-        response = _part(flow.response)
-        if response is not None and flow.response is not None:
-            response["body"] = _body(recording.body(flow, "response"), flow.response)
-            response["body"]["mask_spans"] = list(flow.response.get("mask_spans") or [])
-        return {
-            "request_id": request_id,
-            "session": flow.session,
-            "request": request,
-            "response": response,
-            "decisions": [
-                {key: d[key] for key in _DECISION_FIELDS if key in d} for d in flow.decisions
-            ],
-            "errors": [{"seq": e.get("seq"), "reason": e.get("reason")} for e in flow.errors],
-        }
+    request = _part(flow.request)
+    assert request is not None
+    sent = recording.body(flow, "request")
+    spans: list[dict[str, object]] = []
+    if sent and masker is not None:
+        result = masker.mask_bytes(sent)
+        sent, spans = result.masked, [span.as_dict() for span in result.spans]
+    if sent or flow.request.get("body_streamed"):
+        request["body"] = _body(sent, flow.request_body)
+        request["body"]["mask_spans"] = spans
+    response = _part(flow.response)
+    if response is not None and flow.response is not None:
+        response["body"] = _body(recording.body(flow, "response"), flow.response)
+        response["body"]["mask_spans"] = list(flow.response.get("mask_spans") or [])
+    return {
+        "request_id": request_id,
+        "session": flow.session,
+        "request": request,
+        "response": response,
+        "decisions": [
+            {key: d[key] for key in _DECISION_FIELDS if key in d} for d in flow.decisions
+        ],
+        "errors": [{"seq": e.get("seq"), "reason": e.get("reason")} for e in flow.errors],
+    }
 
 
 class FlowDetails:
-    """Reads flows off the live recording in a thread: the proxy's loop never waits on it."""
+    """Reads flows off the live recording in a thread: the proxy's loop never waits on it.
+
+    The recording stays open between requests and is refreshed before each: only files
+    that changed are re-indexed, so days of retained recordings cost a stat each.
+    """
 
     def __init__(
         self,
@@ -93,10 +95,26 @@ class FlowDetails:
         self.directory = directory
         self._settle = settle
         self._masker = masker
+        self._recording: Recording | None = None
+        self._lock = threading.Lock()  # one reader at a time: the handles are shared
 
     async def detail(self, request_id: str) -> dict[str, Any] | None:
         await self._settle()  # records still on their way to the disk are written first
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            None, read_flow, self.directory, request_id, self._masker()
-        )
+        return await loop.run_in_executor(None, self._read, request_id, self._masker())
+
+    def _read(self, request_id: str, masker: Masker | None) -> dict[str, Any] | None:
+        with self._lock:
+            if not self.directory.is_dir():
+                return None
+            if self._recording is None:
+                self._recording = Recording.open(self.directory)
+            else:
+                self._recording.refresh()
+            return flow_of(self._recording, request_id, masker)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._recording is not None:
+                self._recording.close()
+                self._recording = None

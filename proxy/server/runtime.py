@@ -365,6 +365,8 @@ class ProxyRuntime:
         if self.admin is not None:
             self.admin.closing.set()
             await self._admin_runner.cleanup()
+            if self.admin.details is not None:
+                self.admin.details.close()  # the open recording's file handles
         if self._watch_task is not None:
             self._watch_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
