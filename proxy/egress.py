@@ -15,11 +15,11 @@ import ipaddress
 import re
 import socket
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from proxy.matcher import compile_name_globs
+from proxy.matcher import compile_host_globs
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 TlsMode = Literal["intercept", "passthrough"]
@@ -196,12 +196,12 @@ class EgressEntry:
     ports: frozenset[int] | None
     tls: TlsMode
     allow_private: bool
-    pattern: re.Pattern[str]
+    host_matches: Callable[[str], bool]
 
     def matches(self, host: str, port: int) -> bool:
         if self.ports is not None and port not in self.ports:
             return False
-        return self.pattern.fullmatch(host) is not None
+        return self.host_matches(host)
 
 
 def compile_entry(
@@ -213,7 +213,7 @@ def compile_entry(
         ports=frozenset(ports) if ports else None,
         tls=tls,
         allow_private=allow_private,
-        pattern=compile_name_globs("host", list(hosts), nocase=True),
+        host_matches=compile_host_globs("host", list(hosts)),
     )
 
 

@@ -8,6 +8,7 @@ and ``path:**/.env`` in the filter bar mean exactly the same thing.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -210,6 +211,37 @@ def compile_name_globs(field_name: str, value: object, *, nocase: bool) -> re.Pa
     return re.compile("|".join(patterns))
 
 
+#: A host glob spelled with digits, dots and wildcards only (``10.*``, ``192.168.?.*``).
+_ADDRESS_GLOB = re.compile(r"^[0-9*?]+(\.[0-9*?]+)*$")
+
+
+def compile_host_globs(field_name: str, value: object) -> Callable[[str], bool]:
+    """Host globs, case-insensitive. One spelled like an IPv4 address (``10.*``) matches
+    addresses only: ``10.*`` must not let ``10.attacker.com`` through."""
+    names: list[str] = []
+    addresses: list[str] = []
+    for pattern in _as_list(field_name, value):
+        spelled_as_address = _ADDRESS_GLOB.match(pattern) and any(c.isdigit() for c in pattern)
+        (addresses if spelled_as_address else names).append(pattern)
+    by_name = compile_name_globs(field_name, names, nocase=True) if names else None
+    by_address = compile_name_globs(field_name, addresses, nocase=True) if addresses else None
+
+    def matches(host: str) -> bool:
+        if by_name is not None and by_name.fullmatch(host) is not None:
+            return True
+        return by_address is not None and by_address.fullmatch(host) is not None and _ipv4(host)
+
+    return matches
+
+
+def _ipv4(host: str) -> bool:
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        return False
+    return True
+
+
 _STATUS_RANGE = re.compile(r"^(\d)xx$", re.IGNORECASE)
 _STATUS_CMP = re.compile(r"^(>=|<=|>|<|=)?\s*(\d{3})$")
 _STATUS_SPAN = re.compile(r"^(\d{3})-(\d{3})$")
@@ -327,8 +359,8 @@ def field_predicate(name: str, value: object) -> Predicate:
     if name == "path":
         return _path_predicate(value)
     if name == "host":
-        pattern = compile_name_globs(name, value, nocase=True)
-        return lambda facts: pattern.fullmatch(_strip_port(facts.host)) is not None
+        host_matches = compile_host_globs(name, value)
+        return lambda facts: host_matches(_strip_port(facts.host))
     if name == "port":
         return _port_predicate(value)
     if name == "subject":

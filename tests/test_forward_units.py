@@ -403,3 +403,18 @@ def test_console_approval_lines_show_a_forward_destination() -> None:
     assert "path=" not in always_rule_text(connect).plain
     target = {k: v for k, v in summary.items() if k not in ("host", "port")}
     assert "lab /deploy" in approval_line(target, 0.0).plain
+
+
+def test_an_address_glob_matches_addresses_only_never_a_name_spelled_like_one() -> None:
+    table = EgressTable(
+        [
+            compile_entry("lan", ["10.*", "192.168.?.1"], None, "passthrough", True),
+            compile_entry("any", ["*"], None, "intercept", False),
+        ],
+    )
+    assert table.match("10.1.2.3", 443).name == "lan"  # type: ignore[union-attr]
+    assert table.match("192.168.7.1", 443).name == "lan"  # type: ignore[union-attr]
+    # a name that merely starts like the address falls through to the catch-all
+    assert table.match("10.attacker.com", 443).name == "any"  # type: ignore[union-attr]
+    assert table.match("192.168.7.1.nip.io", 443).name == "any"  # type: ignore[union-attr]
+    assert table.match("10.1.2.3", 443) is not table.match("10.attacker.com", 443)

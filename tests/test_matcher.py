@@ -480,3 +480,15 @@ def test_every_field_is_documented_in_the_error() -> None:
         compile_matcher({"nope": "x"})
     for name in FIELDS:
         assert name in info.value.message
+
+
+def test_a_host_glob_spelled_as_an_address_matches_addresses_not_names() -> None:
+    lan = rule(host=["10.*"])
+    assert lan.matches(facts(host="10.0.0.7"))
+    assert lan.matches(facts(host="10.0.0.7:8443"))
+    assert not lan.matches(facts(host="10.attacker.com"))
+    assert not lan.matches(facts(host="10.0.0.7.nip.io"))
+    assert rule(host=["*"]).matches(facts(host="10.attacker.com"))
+    assert rule(host=["*.example.com"]).matches(facts(host="API.example.com"))
+    assert parse_filter("host:10.*").matches(facts(host="10.1.1.1"))
+    assert not parse_filter("host:10.*").matches(facts(host="10.evil.test"))
