@@ -8,11 +8,10 @@ import errno
 import hashlib
 import logging
 import os
-import time
 from pathlib import Path
 
 import pytest
-from test_recording_support import only_file, recorder, records_of
+from test_recording_support import only_file, recorder, records_of, slow_disk
 
 from proxy.recording import RecorderUnavailable
 from proxy.recording import format as fmt
@@ -86,13 +85,7 @@ async def test_flush_returns_under_load_that_never_lets_the_disk_idle(
 ) -> None:
     rec = recorder(tmp_path, checkpoint_every=100_000)
     await rec.open()
-    real_fsync = os.fsync
-
-    def slow_fsync(fd: int) -> None:
-        time.sleep(0.005)
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", slow_fsync)
+    slow_disk(monkeypatch, 0.005)
     stop = asyncio.Event()
 
     async def agent(number: int) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,17 @@ from proxy.recording.files import list_recordings
 from proxy.recording.writer import Recorder
 
 MASKED = b'{"token": "ghp_****************************", "ok": true}'
+
+
+def slow_disk(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
+    """Every fsync takes ``seconds`` longer (until the monkeypatch is undone)."""
+    real_fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        time.sleep(seconds)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
 
 
 def recorder(tmp_path: Path, **options: Any) -> Recorder:

@@ -15,7 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_recording_support import all_bytes, only_file, record_session, recorder, records_of
+from test_recording_support import (
+    all_bytes,
+    only_file,
+    record_session,
+    recorder,
+    records_of,
+    slow_disk,
+)
 
 from proxy.recording import Recorder, RecorderUnavailable, Recording
 from proxy.recording import writer as writer_module
@@ -70,13 +77,7 @@ async def test_the_event_loop_is_not_blocked_by_a_slow_disk(
 ) -> None:
     rec = recorder(tmp_path)
     await rec.open()
-    real_fsync = os.fsync
-
-    def slow_fsync(fd: int) -> None:
-        time.sleep(0.2)
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", slow_fsync)
+    slow_disk(monkeypatch, 0.2)
     ticks = 0
 
     async def ticker() -> None:
@@ -89,7 +90,7 @@ async def test_the_event_loop_is_not_blocked_by_a_slow_disk(
     await rec.append("error", reason="slow disk")
     task.cancel()
     assert ticks >= 10
-    monkeypatch.setattr(os, "fsync", real_fsync)
+    monkeypatch.undo()
     await rec.close()
 
 
