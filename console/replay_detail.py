@@ -218,10 +218,10 @@ def describe_replay(
     selected = region % len(spans) if spans else None
     if selected is not None:
         out.append(region_line(spans, selected))
-    events = timeline.flow_events(flow.request_id, store.position)
-    request = next((e for e in events if e.kind == fmt.REQUEST), None)
-    response = next((e for e in events if e.kind == fmt.RESPONSE), None)
-    streamed = next((e for e in events if e.kind == fmt.REQUEST_BODY), None)
+    request_id, upto = flow.request_id, store.position
+    request = timeline.flow_event(request_id, fmt.REQUEST, upto)
+    response = timeline.flow_event(request_id, fmt.RESPONSE, upto)
+    streamed = timeline.flow_event(request_id, fmt.REQUEST_BODY, upto)
     request_record = recording.get(request.seq) if request is not None else None
     response_record = recording.get(response.seq) if response is not None else None
     if request_record is not None:

@@ -171,6 +171,10 @@ class Timeline:
             positions = positions[: bisect.bisect_right(positions, upto)]
         return [self.events[pos] for pos in positions]
 
+    def flow_event(self, request_id: str, kind: str, upto: int | None = None) -> Event | None:
+        """The flow's first event of ``kind`` (up to position ``upto``), if any."""
+        return next((e for e in self.flow_events(request_id, upto) if e.kind == kind), None)
+
     def first_pos(self, request_id: str) -> int:
         positions = self.by_flow.get(request_id)
         return positions[0] if positions else 1 << 62

@@ -192,16 +192,12 @@ def what_if(recording: Recording, timeline: Timeline, config: Config) -> list[Wh
 
     rows: list[WhatIf] = []
     for request_id in timeline.flow_ids:
-        request_event = next(
-            (e for e in timeline.flow_events(request_id) if e.kind == fmt.REQUEST), None
-        )
+        request_event = timeline.flow_event(request_id, fmt.REQUEST)
         if request_event is None:
             continue
         request = recording.get(request_event.seq)
         body = recording.body(request, "request") if request.get("body") else None
-        streamed = next(
-            (e for e in timeline.flow_events(request_id) if e.kind == fmt.REQUEST_BODY), None
-        )
+        streamed = timeline.flow_event(request_id, fmt.REQUEST_BODY)
         if body is None and streamed is not None:
             sent = recording.get(streamed.seq)
             if sent.get("body_truncated_at") is None:  # a cut body cannot stand in for it
