@@ -84,8 +84,7 @@ class GroupCommit:
 
     async def drain(self) -> None:
         """Until the disk thread holds no batch and nothing is queued for it."""
-        if self.queued and self._writing is None:
-            self.kick()
+        self.kick()
         if self._writing is not None:
             waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._idle.append(waiter)
@@ -127,6 +126,7 @@ class GroupCommit:
             for item in batch:
                 if item.future is not None and not item.future.done():
                     item.future.set_result(item.pos.seq)
+            self.wake_flushes(batch[-1].pos.seq, failed=False)
             self.kick()
         if self._writing is None:
             waiters, self._idle = self._idle, []

@@ -262,14 +262,6 @@ def head_of(record: Mapping[str, Any]) -> Head:
 # --------------------------------------------------------------------------- redaction
 
 
-def header_pairs(headers: Any) -> list[tuple[str, str]]:
-    """Headers from a mapping, a multidict (duplicates kept) or an iterable of pairs."""
-    if headers is None:
-        return []
-    items = headers.items() if hasattr(headers, "items") else headers
-    return [(str(name), str(value)) for name, value in items]
-
-
 def _scrub(text: str, secrets: Iterable[str]) -> str:
     for secret in secrets:
         if secret and secret in text:

@@ -272,10 +272,18 @@ def _tail_matches(index: FileIndex) -> bool:
     return index.tail_offset + len(line) == index.covered and fmt.line_hash(line) == index.tail_hash
 
 
-def open_index(path: Path, *, cache: bool = True) -> FileIndex:
-    """Load the cached index if fresh, extend it if the file only grew, else rebuild."""
+def open_index(path: Path, *, cache: bool = True, known: FileIndex | None = None) -> FileIndex:
+    """Load the cached index if fresh, extend it if the file only grew, else rebuild.
+
+    ``known``: an index already in memory for this file, kept as it is while fresh.
+    """
     path = Path(path)
     info = os.stat(path)
+    if known is not None and (known.file_size, known.mtime_ns) == (
+        info.st_size,
+        info.st_mtime_ns,
+    ):
+        return known
     cached = load(path) if cache else None
     if cached is not None and (cached.file_size, cached.mtime_ns) == (
         info.st_size,

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import bisect
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,15 +107,10 @@ class Recording:
             self.files = list_recordings(self.directory)
         self.close()
         known = {index.path: index for index in self.indexes}
-        self.indexes = [self._current(path, known.get(path)) for path in self.files]
+        self.indexes = [
+            open_index(path, cache=self._cache, known=known.get(path)) for path in self.files
+        ]
         self._firsts = [index.seqs[0] if index.seqs else -1 for index in self.indexes]
-
-    def _current(self, path: Path, index: FileIndex | None) -> FileIndex:
-        if index is not None:
-            info = os.stat(path)
-            if (index.file_size, index.mtime_ns) == (info.st_size, info.st_mtime_ns):
-                return index
-        return open_index(path, cache=self._cache)
 
     def close(self) -> None:
         for handle in self._handles.values():

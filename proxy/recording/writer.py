@@ -193,7 +193,7 @@ class Recorder:
     def submit(self, kind: str, *, urgent: bool = True, **fields: Any) -> asyncio.Future[int]:
         """``append`` without a coroutine: queued now, the future gives the seq once durable.
 
-        The proxy records three records per request; a task for each costs more CPU than
+        The proxy records two records per request; a task for each costs more CPU than
         the record itself. Raises ``RecorderUnavailable`` at once when the recorder is down.
         """
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
@@ -385,8 +385,6 @@ class Recorder:
         self._durable = batch[-1].pos
         self.stats.records += len(batch)
         self.stats.batches += 1
-        assert self._commits is not None
-        self._commits.wake_flushes(self._durable.seq, failed=False)
 
     def _write_failed(self, error: BaseException | None, batch: list[Item]) -> None:
         if error is None:
